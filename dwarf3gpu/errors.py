@@ -1,0 +1,48 @@
+"""Project exceptions.
+
+Library code raises these, each with a message that names the problem and the fix;
+only :mod:`dwarf3gpu.cli` turns them into a printed message and an exit code.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Dwarf3Error", "FitsReadError", "SessionError", "ConfigError"]
+
+
+class Dwarf3Error(Exception):
+    """Base class of every error raised on purpose by dwarf3gpu.
+
+    Attributes
+    ----------
+    exit_code : int
+        Exit status the CLI uses for this error (1 = processing failure, 2 = usage).
+    """
+
+    exit_code = 1
+
+
+class FitsReadError(Dwarf3Error):
+    """A FITS file is missing, truncated, corrupt or not an image.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The offending file.
+    problem : str
+        What is wrong with it, in plain words.
+    """
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class SessionError(Dwarf3Error):
+    """A session folder cannot be used (missing, empty, no usable light frames)."""
+
+
+class ConfigError(Dwarf3Error):
+    """An option or a combination of options is invalid."""
+
+    exit_code = 2
