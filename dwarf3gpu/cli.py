@@ -1,0 +1,199 @@
+"""The ``dwarf3`` command line: a thin Typer + Rich layer over the Python API.
+
+This is the only module that prints or exits. Library errors (:class:`~dwarf3gpu.errors.Dwarf3Error`) become a
+one-paragraph message and an exit code: 0 ok, 1 processing failure, 2 usage error, 3 backend unavailable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import ConfigError, Dwarf3Error, SessionError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="dwarf3",
+    help=(
+        "Stack DWARF 3 (and other one-shot-colour smart-telescope) raw FITS sessions.\n\n"
+        "Start with [bold]dwarf3 simulate OUT[/] to make a realistic test session, then "
+        "[bold]dwarf3 frames SESSION[/] to see which files are light frames."
+    ),
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        console.print(f"dwarf3gpu {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Stack DWARF 3 raw FITS sessions."""
+
+
+def progress_bar() -> Progress:
+    """A Rich progress bar on stderr (so ``--json`` output on stdout stays clean)."""
+    return Progress(
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    """Parse ``WIDTHxHEIGHT`` (e.g. ``3856x2180``)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size must look like 3856x2180 (width x height), got {text!r}") from None
+    return w, h
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  dwarf3 simulate demo                       # a full-size 24-frame alt-az session\n\n"
+        "  dwarf3 simulate demo --frames 10 --size 960x540 --mode eq --seed 7\n\n"
+        "  dwarf3 simulate demo --darks --rotation-rate 40"
+    )
+)
+def simulate(
+    out: Annotated[Path, typer.Argument(help="Folder to write into: OUT/rawData/<session>/ and OUT/truth/<session>/.")],
+    frames: Annotated[int, typer.Option("--frames", "-n", help="Number of light frames (failed_ frames come on top).")] = 24,
+    size: Annotated[str, typer.Option(help="Frame size WIDTHxHEIGHT; the DWARF 3 tele camera is 3856x2180.")] = "3856x2180",
+    mode: Annotated[str, typer.Option(help="Mount mode: 'altaz' (field rotation) or 'eq' (drift only).")] = "altaz",
+    rotation_rate: Annotated[float, typer.Option(help="Alt-az field rotation rate in degrees per hour.")] = 15.0,
+    exposure: Annotated[float, typer.Option(help="Exposure per frame in seconds.")] = 15.0,
+    gain: Annotated[int, typer.Option(help="Sensor gain written in headers and names.")] = 60,
+    target: Annotated[str, typer.Option(help="Target name (kept with its spaces, like the device).")] = "M 31",
+    darks: Annotated[bool, typer.Option("--darks", help="Also write a matching DWARF_DARK set and a CALI_FRAME master.")] = False,
+    clutter: Annotated[bool, typer.Option(help="Write the device's by-products (stacked-16_, jpg, png, Thumbnail/).")] = True,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same bytes.")] = 0,
+) -> None:
+    """Simulate a realistic DWARF 3 session with ground truth (stars, galaxy, rotation, clouds, trails, hot pixels)."""
+    from .simulate import SimulationConfig, simulate_session
+
+    width, height = _parse_size(size)
+    config = SimulationConfig(
+        n_frames=frames, width=width, height=height, mode=mode, rotation_rate_deg_per_hour=rotation_rate,
+        exposure_s=exposure, gain=gain, target=target, with_darks=darks, clutter=clutter, seed=seed,
+    )
+    with progress_bar() as bar:
+        task = bar.add_task("simulating frames", total=None)
+        result = simulate_session(out, config, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    console.print(f"[green]Session written:[/] {result.session_dir}")
+    console.print(f"[green]Ground truth:[/]    {result.truth_dir}")
+    if result.dark_dir is not None:
+        console.print(f"[green]Dark set:[/]        {result.dark_dir}")
+    console.print(f"Next: [bold]dwarf3 frames '{result.session_dir}'[/]")
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  dwarf3 frames 'Astronomy/DWARF_RAW_TELE_M 31_EXP_15_GAIN_60_2025-10-18-04-51-22-420'\n\n"
+        "  dwarf3 frames SESSION --json > frames.json\n\n"
+        "  dwarf3 frames ~/seestar/M94            # a plain folder of Seestar .fit lights works too"
+    )
+)
+def frames(
+    session: Annotated[Path, typer.Argument(help="Session folder (DWARF_RAW_...) or a folder of one-shot-colour FITS lights.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")] = False,
+    include_failed: Annotated[bool, typer.Option("--include-failed", help="Treat the device's failed_ frames as lights.")] = False,
+) -> None:
+    """List the light frames of a session in observation order, and every excluded file with its reason.
+
+    Nothing is written anywhere; the session folder is only read.
+    """
+    from .session import discover
+
+    result = discover(session, include_failed=include_failed)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+    else:
+        _print_session(result)
+    if not result.lights:
+        hint = " ".join(result.metadata.warnings[-1:]) or "check the path, or use --include-failed"
+        raise SessionError(f"no light frames found in {session}: {hint}")
+
+
+def _fmt(value: float | None) -> str:
+    """Compact number for tables, '?' when unknown."""
+    return "?" if value is None else f"{value:g}"
+
+
+def _print_session(result) -> None:
+    """Print the metadata, lights and excluded tables of a discovery result."""
+    meta = result.metadata
+    temps = (
+        f"{_fmt(meta.temperature_min_c)}..{_fmt(meta.temperature_max_c)} C"
+    )
+    size = f"{meta.width}x{meta.height}" if meta.width else "?"
+    console.print(
+        f"[bold]{meta.target or meta.folder}[/]  {meta.device} {meta.camera or ''}  "
+        f"exp {_fmt(meta.exposure_s)} s  gain {_fmt(meta.gain)}  "
+        f"filter {meta.filter or '?'}  Bayer {meta.bayer_pattern or '?'}  {size}  sensor {temps}"
+    )
+    lights = Table(title=f"{len(result.lights)} light frames", title_justify="left")
+    for col in ("#", "mid-exposure (UTC)", "exp s", "temp C", "size", "file"):
+        lights.add_column(col, justify="right" if col in ("#", "exp s", "temp C") else "left")
+    for i, f in enumerate(result.lights):
+        mid = f.mid_time.isoformat(sep=" ", timespec="seconds") if f.mid_time else "?"
+        lights.add_row(str(i), mid, _fmt(f.exposure_s), _fmt(f.temperature_c), f"{f.width}x{f.height}", f.name)
+    if result.lights:
+        console.print(lights)
+    if result.excluded:
+        table = Table(title=f"{len(result.excluded)} excluded", title_justify="left")
+        for col in ("file", "reason", "detail"):
+            table.add_column(col)
+        for e in result.excluded:
+            table.add_row(e.path.name, e.reason, e.detail)
+        console.print(table)
+    if result.calibration:
+        table = Table(title="calibration found next to the session", title_justify="left")
+        for col in ("kind", "path", "match", "why not"):
+            table.add_column(col)
+        for c in result.calibration:
+            table.add_row(c.kind, str(c.path), "yes" if c.matches else "no", "; ".join(c.mismatches))
+        console.print(table)
+    for w in meta.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+def main() -> None:
+    """Console-script entry point: run the app and turn project errors into messages and exit codes.
+
+    Usage errors are Click's (exit 2, with the usage line); :class:`Dwarf3Error` subclasses print one message
+    and exit with their ``exit_code``; anything else is a bug and keeps its traceback.
+    """
+    try:
+        app()
+    except Dwarf3Error as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(exc.exit_code)

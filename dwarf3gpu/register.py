@@ -1,0 +1,740 @@
+"""Frame registration: star-list matching, transform refinement and transform helpers.
+
+Every transform here follows the single project convention (see METHODS.md): a 2x3 float64
+affine ``A`` maps a frame pixel ``(x, y)`` (x = column, y = row, origin at the centre of
+pixel (0, 0), full-resolution mosaic pixels) to the reference frame's pixel::
+
+    [x_ref, y_ref] = A[:, :2] @ [x, y] + A[:, 2]
+
+:func:`register_frame` finds ``A`` for one frame from two flux-sorted star lists. astroalign's
+``find_transform`` (triangle invariants + RANSAC) supplies a first similarity transform from
+the brightest stars; :func:`refine_transform` then re-matches *all* detected stars by nearest
+neighbour and refits a least-squares affine with outlier rejection, which is where the
+accuracy comes from. Every function is pure (no module state), so callers may run them in a
+process pool.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import astroalign
+import numpy as np
+from scipy.spatial import cKDTree
+
+from .errors import ConfigError, SessionError
+
+__all__ = [
+    "Registration",
+    "register_frame",
+    "refine_transform",
+    "fit_transform",
+    "apply_transform",
+    "invert_transform",
+    "compose",
+    "rotation_deg",
+    "scale",
+    "to_cv2_warp_matrix",
+    "transform_rms_error",
+    "choose_reference",
+    "choose_align_mode",
+    "rotation_range_deg",
+    "even_pixel_shift",
+]
+
+STAR_COUNTS = (30, 50, 100, 200)
+"""Brightest-star counts tried in turn with astroalign before the image attempt."""
+
+IMAGE_SETTINGS = ((50, 5.0, 5), (100, 3.0, 3))
+"""(max_control_points, detection_sigma, min_area) tried in turn for the image attempt."""
+
+INITIAL_RADIUS_PX = 3.0
+"""Nearest-neighbour match radius around the astroalign transform (first refinement pass)."""
+
+MIN_RADIUS_PX = 0.5
+"""Floor of the outlier cut and of the later match radii, in pixels."""
+
+CLIP_SIGMA = 4.0
+"""Outlier cut in units of the robust per-axis residual sigma."""
+
+MAX_REFINE_ITERATIONS = 10
+"""Refinement passes at most; it normally converges (same match set twice) in 2 to 4."""
+
+_RAYLEIGH_MEDIAN = math.sqrt(2.0 * math.log(2.0))
+_MODELS = ("affine", "similarity")
+_ALIGN_MODES = ("integer", "rgb_affine", "auto")
+_REFERENCE_MODES = ("best", "first")
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Outcome of registering one frame onto the reference.
+
+    Attributes
+    ----------
+    ok : bool
+        True when a transform was found and passed the checks.
+    matrix : numpy.ndarray or None
+        (2, 3) float64 affine, frame pixel -> reference pixel; None when ``ok`` is False.
+    n_matches : int
+        Star pairs used in the final fit (0 on failure).
+    rms_px : float
+        RMS distance between the matched reference stars and the transformed frame stars,
+        in pixels (NaN on failure).
+    rotation_deg : float
+        Rotation of ``matrix`` in degrees, see :func:`rotation_deg` (NaN on failure).
+    reason : str
+        Empty on success; ``"alignment_failed: <why>"`` on failure.
+    attempt : str
+        The attempt that succeeded (``"stars30"``, ..., ``"image"``); empty on failure.
+    """
+
+    ok: bool
+    matrix: np.ndarray | None
+    n_matches: int
+    rms_px: float
+    rotation_deg: float
+    reason: str
+    attempt: str
+
+    def to_json(self) -> dict:
+        """Return the result as plain JSON-compatible values (NaN becomes None).
+
+        Returns
+        -------
+        dict
+            Keys are the attribute names; ``matrix`` is a list of two rows or None.
+        """
+        return {
+            "ok": self.ok,
+            "matrix": None if self.matrix is None else self.matrix.tolist(),
+            "n_matches": int(self.n_matches),
+            "rms_px": _json_float(self.rms_px),
+            "rotation_deg": _json_float(self.rotation_deg),
+            "reason": self.reason,
+            "attempt": self.attempt,
+        }
+
+
+def _json_float(value: float) -> float | None:
+    """Return ``value`` as a float, or None when it is not finite."""
+    return float(value) if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------- transform helpers
+
+
+def apply_transform(A: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Map points through an affine transform.
+
+    Parameters
+    ----------
+    A : numpy.ndarray
+        (2, 3) affine, frame pixel -> reference pixel.
+    xy : numpy.ndarray
+        (N, 2) or (2,) points [x, y].
+
+    Returns
+    -------
+    numpy.ndarray
+        Transformed points, same shape as ``xy``, float64.
+    """
+    A = np.asarray(A, dtype=np.float64)
+    return np.asarray(xy, dtype=np.float64) @ A[:, :2].T + A[:, 2]
+
+
+def invert_transform(A: np.ndarray) -> np.ndarray:
+    """Return the inverse affine (reference pixel -> frame pixel).
+
+    Parameters
+    ----------
+    A : numpy.ndarray
+        (2, 3) affine.
+
+    Returns
+    -------
+    numpy.ndarray
+        (2, 3) float64 affine ``B`` with ``apply_transform(B, apply_transform(A, p)) == p``.
+    """
+    A = np.asarray(A, dtype=np.float64)
+    linear = np.linalg.inv(A[:, :2])
+    return np.hstack([linear, (-linear @ A[:, 2])[:, None]])
+
+
+def compose(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Return the affine that applies ``B`` first, then ``A`` (like the matrix product A @ B).
+
+    Parameters
+    ----------
+    A, B : numpy.ndarray
+        (2, 3) affines; e.g. ``compose(mid_to_ref, frame_to_mid)`` is ``frame_to_ref``.
+
+    Returns
+    -------
+    numpy.ndarray
+        (2, 3) float64 affine ``p -> A(B(p))``.
+    """
+    A = np.asarray(A, dtype=np.float64)
+    B = np.asarray(B, dtype=np.float64)
+    return np.hstack([A[:, :2] @ B[:, :2], (A[:, :2] @ B[:, 2] + A[:, 2])[:, None]])
+
+
+def rotation_deg(A: np.ndarray) -> float:
+    """Return the rotation angle of an affine in degrees, in (-180, 180].
+
+    The angle is that of the closest similarity transform, measured from the +x axis towards
+    the +y axis (on an image displayed with row 0 at the top this is clockwise).
+
+    Parameters
+    ----------
+    A : numpy.ndarray
+        (2, 3) affine.
+
+    Returns
+    -------
+    float
+        Rotation in degrees.
+    """
+    A = np.asarray(A, dtype=np.float64)
+    return math.degrees(math.atan2(A[1, 0] - A[0, 1], A[0, 0] + A[1, 1]))
+
+
+def scale(A: np.ndarray) -> float:
+    """Return the mean linear scale of an affine, ``sqrt(|det A[:, :2]|)``.
+
+    Parameters
+    ----------
+    A : numpy.ndarray
+        (2, 3) affine.
+
+    Returns
+    -------
+    float
+        1.0 for a rigid motion.
+    """
+    A = np.asarray(A, dtype=np.float64)
+    return math.sqrt(abs(float(np.linalg.det(A[:, :2]))))
+
+
+def to_cv2_warp_matrix(A: np.ndarray) -> np.ndarray:
+    """Return the matrix that resamples a frame into the reference grid with cv2.warpAffine.
+
+    cv2.warpAffine fills each destination pixel from ``src`` at ``M @ [x, y, 1]`` when
+    ``cv2.WARP_INVERSE_MAP`` is set, i.e. ``M`` must map *destination* (reference) pixels to
+    *source* (frame) pixels, which is the inverse of ``A``. Without the flag cv2 inverts ``M``
+    itself and would expect ``A``. This function returns the explicit inverse, so the mapping
+    used for sampling is the one written down here::
+
+        M = to_cv2_warp_matrix(A)
+        aligned = cv2.warpAffine(frame, M, (ref_width, ref_height),
+                                 flags=cv2.INTER_LANCZOS4 | cv2.WARP_INVERSE_MAP)
+
+    cv2 puts integer coordinates at pixel centres, the project convention, so no half-pixel
+    offset is needed: a star at frame pixel ``p`` lands at ``apply_transform(A, p)``.
+
+    Parameters
+    ----------
+    A : numpy.ndarray
+        (2, 3) affine, frame pixel -> reference pixel.
+
+    Returns
+    -------
+    numpy.ndarray
+        (2, 3) float64 matrix, reference pixel -> frame pixel, for use with
+        ``cv2.WARP_INVERSE_MAP``.
+    """
+    return invert_transform(A)
+
+
+def transform_rms_error(
+    A_est: np.ndarray, A_true: np.ndarray, width: int, height: int, grid: int = 16
+) -> float:
+    """Return the RMS distance between two transforms over a grid covering the frame.
+
+    Parameters
+    ----------
+    A_est, A_true : numpy.ndarray
+        (2, 3) affines to compare.
+    width, height : int
+        Frame size in pixels; the grid spans pixel centres 0..width-1 and 0..height-1.
+    grid : int, optional
+        Points per axis (``grid * grid`` points in all).
+
+    Returns
+    -------
+    float
+        RMS of ``|A_est(p) - A_true(p)|`` over the grid points, in pixels.
+    """
+    gx, gy = np.meshgrid(np.linspace(0.0, width - 1.0, grid), np.linspace(0.0, height - 1.0, grid))
+    points = np.column_stack([gx.ravel(), gy.ravel()])
+    diff = apply_transform(A_est, points) - apply_transform(A_true, points)
+    return float(np.sqrt(np.mean(np.sum(diff * diff, axis=1))))
+
+
+# --------------------------------------------------------------------------- fitting and matching
+
+
+def fit_transform(src: np.ndarray, dst: np.ndarray, model: str = "affine") -> np.ndarray:
+    """Least-squares transform mapping ``src`` points onto ``dst`` points.
+
+    Parameters
+    ----------
+    src, dst : numpy.ndarray
+        (N, 2) corresponding points [x, y]; N >= 3 for "affine", N >= 2 for "similarity".
+    model : {"affine", "similarity"}
+        "affine": 6 free parameters (rotation, scale, shear, anisotropic scale, shift);
+        "similarity": rotation, one scale and shift (4 parameters).
+
+    Returns
+    -------
+    numpy.ndarray
+        (2, 3) float64 affine.
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    src_mean = src.mean(axis=0)
+    dst_mean = dst.mean(axis=0)
+    s = src - src_mean
+    d = dst - dst_mean
+    if model == "affine":
+        linear = np.linalg.lstsq(s, d, rcond=None)[0].T
+    elif model == "similarity":
+        norm = float(np.sum(s * s))
+        a = float(np.sum(s * d)) / norm
+        b = float(np.sum(s[:, 0] * d[:, 1] - s[:, 1] * d[:, 0])) / norm
+        linear = np.array([[a, -b], [b, a]])
+    else:
+        raise ConfigError(f"unknown transform model {model!r}; use one of {_MODELS}")
+    return np.hstack([linear, (dst_mean - linear @ src_mean)[:, None]])
+
+
+def _match_nearest(
+    src: np.ndarray, tree: cKDTree, A: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one nearest-neighbour pairs between transformed ``src`` and the tree's points.
+
+    Parameters
+    ----------
+    src : numpy.ndarray
+        (N, 2) frame points.
+    tree : scipy.spatial.cKDTree
+        Tree over the reference points.
+    A : numpy.ndarray
+        (2, 3) current frame -> reference transform.
+    radius : float
+        Largest accepted distance in reference pixels.
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        Index arrays into ``src`` and into the reference points, sorted by ``src`` index.
+        When several frame stars claim one reference star only the closest keeps it.
+    """
+    dist, ref_idx = tree.query(apply_transform(A, src), k=1, distance_upper_bound=radius)
+    src_idx = np.flatnonzero(np.isfinite(dist))
+    ref_idx = ref_idx[src_idx]
+    order = np.lexsort((dist[src_idx], ref_idx))
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = ref_idx[order][1:] != ref_idx[order][:-1]
+    keep = np.sort(order[first])
+    return src_idx[keep], ref_idx[keep]
+
+
+def _fit_clipped(
+    src: np.ndarray, dst: np.ndarray, model: str
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Fit, drop pairs beyond the robust outlier cut, refit.
+
+    Parameters
+    ----------
+    src, dst : numpy.ndarray
+        (N, 2) candidate pairs.
+    model : str
+        See :func:`fit_transform`.
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray, float)
+        The refitted transform, the boolean inlier mask and the cut used (pixels).
+    """
+    A = fit_transform(src, dst, model)
+    resid = np.linalg.norm(apply_transform(A, src) - dst, axis=1)
+    sigma = float(np.median(resid)) / _RAYLEIGH_MEDIAN
+    cut = max(CLIP_SIGMA * sigma, MIN_RADIUS_PX)
+    inliers = resid <= cut
+    if inliers.sum() >= _min_points(model) and not inliers.all():
+        A = fit_transform(src[inliers], dst[inliers], model)
+    return A, inliers, cut
+
+
+def _min_points(model: str) -> int:
+    """Return the fewest pairs that determine a transform of ``model``."""
+    return 3 if model == "affine" else 2
+
+
+def refine_transform(
+    frame_xy: np.ndarray,
+    ref_xy: np.ndarray,
+    A0: np.ndarray,
+    model: str = "affine",
+    radius: float = INITIAL_RADIUS_PX,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Refine a rough transform by nearest-neighbour re-matching of all stars.
+
+    Each pass matches every frame star to its nearest reference star under the current
+    transform (one-to-one, within the radius), fits ``model`` by least squares, rejects pairs
+    beyond ``max(CLIP_SIGMA * sigma, MIN_RADIUS_PX)`` (sigma from the median residual) and
+    refits. The next pass matches within twice that cut (never more than ``radius``). It stops
+    when a pass keeps the same pairs as the previous one, so the answer depends only on that
+    final match set and not on the random sampling behind ``A0``.
+
+    Parameters
+    ----------
+    frame_xy, ref_xy : numpy.ndarray
+        (N, 2) and (M, 2) star positions [x, y] in the frame and in the reference.
+    A0 : numpy.ndarray
+        (2, 3) starting transform, frame -> reference.
+    model : {"affine", "similarity"}
+        Transform fitted, see :func:`fit_transform`.
+    radius : float, optional
+        Match radius of the first pass, in reference pixels.
+
+    Returns
+    -------
+    tuple or None
+        ``(A, frame_idx, ref_idx)``: the refined transform and the indices of the pairs used
+        in its fit; None when fewer pairs than the model needs were found.
+    """
+    if min(len(frame_xy), len(ref_xy)) < _min_points(model):
+        return None
+    tree = cKDTree(ref_xy)
+    A = np.asarray(A0, dtype=np.float64)
+    previous = None
+    for _ in range(MAX_REFINE_ITERATIONS):
+        src_idx, dst_idx = _match_nearest(frame_xy, tree, A, radius)
+        if src_idx.size < _min_points(model):
+            return None
+        A, inliers, cut = _fit_clipped(frame_xy[src_idx], ref_xy[dst_idx], model)
+        src_idx, dst_idx = src_idx[inliers], dst_idx[inliers]
+        pairs = (src_idx.tobytes(), dst_idx.tobytes())
+        if pairs == previous:
+            break
+        previous = pairs
+        radius = min(radius, 2.0 * cut)
+    return A, src_idx, dst_idx
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@dataclass(frozen=True)
+class _Checks:
+    """Acceptance limits of a refined transform (see :func:`register_frame`)."""
+
+    model: str
+    min_matches: int
+    max_rms_px: float
+    max_scale_error: float
+
+
+def _accept(
+    frame_xy: np.ndarray, ref_xy: np.ndarray, A0: np.ndarray, checks: _Checks, attempt: str
+) -> tuple[Registration | None, str]:
+    """Refine ``A0`` and return a successful Registration, or None and why it was refused."""
+    if abs(scale(A0) - 1.0) > checks.max_scale_error:
+        return None, f"scale {scale(A0):.4f} from astroalign is implausible"
+    refined = refine_transform(frame_xy, ref_xy, A0, checks.model)
+    if refined is None:
+        return None, "no star pairs within the match radius"
+    A, src_idx, dst_idx = refined
+    n = int(src_idx.size)
+    if n < checks.min_matches:
+        return None, f"only {n} star pairs (need {checks.min_matches})"
+    resid = apply_transform(A, frame_xy[src_idx]) - ref_xy[dst_idx]
+    rms = float(np.sqrt(np.mean(np.sum(resid * resid, axis=1))))
+    if rms > checks.max_rms_px:
+        return None, f"residual {rms:.3f} px RMS exceeds {checks.max_rms_px} px"
+    if abs(scale(A) - 1.0) > checks.max_scale_error:
+        return None, f"refined scale {scale(A):.4f} is implausible"
+    return Registration(True, A, n, rms, rotation_deg(A), "", attempt), ""
+
+
+def _star_attempts(
+    frame_xy: np.ndarray, ref_xy: np.ndarray, counts: Sequence[int], checks: _Checks
+) -> tuple[Registration | None, list[str]]:
+    """Run astroalign on the brightest ``n`` stars for each ``n`` in ``counts``, then refine."""
+    reasons = []
+    tried = set()
+    for count in counts:
+        n_frame, n_ref = min(count, len(frame_xy)), min(count, len(ref_xy))
+        if (n_frame, n_ref) in tried:
+            continue
+        tried.add((n_frame, n_ref))
+        attempt = f"stars{count}"
+        try:
+            transform, _ = astroalign.find_transform(
+                frame_xy[:n_frame], ref_xy[:n_ref], max_control_points=max(n_frame, n_ref)
+            )
+        except (astroalign.MaxIterError, ValueError) as exc:
+            reasons.append(f"{attempt}: {type(exc).__name__}: {exc}")
+            continue
+        result, why = _accept(frame_xy, ref_xy, transform.params[:2], checks, attempt)
+        if result is not None:
+            return result, reasons
+        reasons.append(f"{attempt}: {why}")
+    return None, reasons
+
+
+def _image_attempt(
+    frame_xy: np.ndarray,
+    ref_xy: np.ndarray,
+    images: Callable[[], tuple[np.ndarray, np.ndarray]],
+    image_bin: int,
+    checks: _Checks,
+) -> tuple[Registration | None, list[str]]:
+    """Let astroalign detect stars in the images, then refine on the star lists or its pairs."""
+    frame_img, ref_img = images()
+    reasons = []
+    for max_points, sigma, area in IMAGE_SETTINGS:
+        try:
+            transform, (src, dst) = astroalign.find_transform(
+                frame_img, ref_img, max_control_points=max_points,
+                detection_sigma=sigma, min_area=area,
+            )
+        except (astroalign.MaxIterError, ValueError) as exc:
+            reasons.append(f"image: {type(exc).__name__}: {exc}")
+            continue
+        A0 = _unbin_transform(transform.params[:2], image_bin)
+        src_full, dst_full = _unbin_points(src, image_bin), _unbin_points(dst, image_bin)
+        for frame_pts, ref_pts in ((frame_xy, ref_xy), (src_full, dst_full)):
+            result, why = _accept(frame_pts, ref_pts, A0, checks, "image")
+            if result is not None:
+                return result, reasons
+        reasons.append(f"image: {why}")
+    return None, reasons
+
+
+def _unbin_points(xy: np.ndarray, image_bin: int) -> np.ndarray:
+    """Convert pixel centres of a ``image_bin`` x ``image_bin`` binned image to full-res pixels."""
+    return np.asarray(xy, dtype=np.float64) * image_bin + (image_bin - 1) / 2.0
+
+
+def _unbin_transform(A_binned: np.ndarray, image_bin: int) -> np.ndarray:
+    """Express a transform between binned images in full-resolution pixels."""
+    offset = (image_bin - 1) / 2.0
+    to_full = np.array([[image_bin, 0.0, offset], [0.0, image_bin, offset]])
+    return compose(to_full, compose(A_binned, invert_transform(to_full)))
+
+
+def _as_points(xy: np.ndarray, name: str) -> np.ndarray:
+    """Return ``xy`` as a finite (N, 2) float64 array, dropping non-finite rows."""
+    points = np.asarray(xy, dtype=np.float64)
+    if points.size == 0:
+        return points.reshape(0, 2)
+    if points.ndim != 2 or points.shape[1] != 2:
+        raise ValueError(f"{name} must be an (N, 2) array of [x, y], got shape {points.shape}")
+    return points[np.all(np.isfinite(points), axis=1)]
+
+
+def register_frame(
+    frame_xy: np.ndarray,
+    ref_xy: np.ndarray,
+    *,
+    model: str = "affine",
+    counts: Sequence[int] = STAR_COUNTS,
+    images: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
+    image_bin: int = 1,
+    min_matches: int = 8,
+    max_rms_px: float = 1.0,
+    max_scale_error: float = 0.05,
+) -> Registration:
+    """Find the transform mapping a frame's pixels onto the reference frame's pixels.
+
+    Attempts, in order, until one passes the checks: astroalign ``find_transform`` on the
+    brightest ``n`` stars of both lists for each ``n`` in ``counts`` (arrays in, never
+    images), then, when ``images`` is given, astroalign on the images with the settings in
+    :data:`IMAGE_SETTINGS`. Each astroalign similarity is refined by
+    :func:`refine_transform` over all stars and accepted when at least ``min_matches`` pairs
+    remain, their RMS residual is at most ``max_rms_px`` and the scale is within
+    ``max_scale_error`` of 1. Alignment failures never raise.
+
+    Parameters
+    ----------
+    frame_xy, ref_xy : numpy.ndarray
+        (N, 2) and (M, 2) star positions [x, y] in full-resolution pixels, brightest first.
+    model : {"affine", "similarity"}, optional
+        Transform refined; "affine" also absorbs differential refraction (see METHODS.md).
+    counts : sequence of int, optional
+        Brightest-star counts handed to astroalign, tried in order.
+    images : callable, optional
+        Called (only if every star attempt failed) with no argument; returns
+        ``(frame_image, reference_image)`` 2-D luminance arrays. Errors it raises propagate.
+    image_bin : int, optional
+        Binning of those images relative to full resolution (2 for a half-resolution proxy).
+    min_matches : int, optional
+        Fewest refined star pairs accepted.
+    max_rms_px : float, optional
+        Largest accepted RMS residual of the refined pairs, in pixels.
+    max_scale_error : float, optional
+        Largest accepted ``|scale - 1|``; frames of one session share the optics.
+
+    Returns
+    -------
+    Registration
+        ``ok=True`` with the matrix, or ``ok=False`` with ``reason`` starting
+        ``"alignment_failed: "``.
+
+    Raises
+    ------
+    ValueError
+        If a star list is not an (N, 2) array.
+    ConfigError
+        If ``model`` is unknown.
+    """
+    if model not in _MODELS:
+        raise ConfigError(f"unknown transform model {model!r}; use one of {_MODELS}")
+    frame_xy = _as_points(frame_xy, "frame_xy")
+    ref_xy = _as_points(ref_xy, "ref_xy")
+    checks = _Checks(model, min_matches, max_rms_px, max_scale_error)
+    reasons = []
+    if min(len(frame_xy), len(ref_xy)) >= max(3, min_matches):
+        result, reasons = _star_attempts(frame_xy, ref_xy, counts, checks)
+        if result is not None:
+            return result
+    else:
+        reasons.append(f"too few stars (frame {len(frame_xy)}, reference {len(ref_xy)})")
+    if images is not None:
+        result, image_reasons = _image_attempt(frame_xy, ref_xy, images, image_bin, checks)
+        if result is not None:
+            return result
+        reasons.extend(image_reasons)
+    return Registration(
+        False, None, 0, math.nan, math.nan, "alignment_failed: " + "; ".join(reasons), ""
+    )
+
+
+# --------------------------------------------------------------------------- session decisions
+
+
+def choose_reference(scores: Sequence[float], mode: str = "best") -> int:
+    """Pick the reference frame index.
+
+    Parameters
+    ----------
+    scores : sequence of float
+        One quality score per frame, higher is better; NaN marks an unusable frame.
+    mode : {"best", "first"}
+        "best": the highest score, the earliest index on ties; "first": the earliest frame
+        with a finite score.
+
+    Returns
+    -------
+    int
+        Index into ``scores``.
+
+    Raises
+    ------
+    ConfigError
+        If ``mode`` is unknown.
+    SessionError
+        If no frame has a finite score.
+    """
+    if mode not in _REFERENCE_MODES:
+        raise ConfigError(f"unknown reference mode {mode!r}; use one of {_REFERENCE_MODES}")
+    values = np.asarray(scores, dtype=np.float64).reshape(-1)
+    usable = np.flatnonzero(np.isfinite(values))
+    if usable.size == 0:
+        raise SessionError("no frame with a usable score to serve as the reference")
+    if mode == "first":
+        return int(usable[0])
+    return int(usable[np.argmax(values[usable])])
+
+
+def rotation_range_deg(rotations_deg: Sequence[float]) -> float:
+    """Return the smallest arc, in degrees, containing every rotation angle.
+
+    Angles are taken modulo 360, so -179 and +179 are 2 degrees apart. Non-finite values
+    (failed frames) are ignored.
+
+    Parameters
+    ----------
+    rotations_deg : sequence of float
+        Per-frame rotations relative to the reference.
+
+    Returns
+    -------
+    float
+        ``max - min`` of the angles on the circle, 0 for fewer than two angles.
+    """
+    angles = np.asarray(rotations_deg, dtype=np.float64).reshape(-1)
+    angles = np.sort(np.mod(angles[np.isfinite(angles)], 360.0))
+    if angles.size < 2:
+        return 0.0
+    gaps = np.diff(np.concatenate([angles, [angles[0] + 360.0]]))
+    return float(360.0 - gaps.max())
+
+
+def choose_align_mode(
+    rotations_deg: Sequence[float], requested: str = "auto", threshold_deg: float = 0.1
+) -> tuple[str, float]:
+    """Decide between Bayer-safe even-pixel shifts and full RGB affine resampling.
+
+    Parameters
+    ----------
+    rotations_deg : sequence of float
+        Per-frame rotation angles relative to the reference (see :func:`rotation_deg`).
+    requested : {"auto", "integer", "rgb_affine"}
+        "auto" picks "integer" when the session's rotation range is below ``threshold_deg``
+        and "rgb_affine" otherwise; the other values are returned as given.
+    threshold_deg : float, optional
+        Rotation range under which even-pixel shifts are used.
+
+    Returns
+    -------
+    (str, float)
+        The mode ("integer" or "rgb_affine") and the measured rotation range in degrees.
+
+    Raises
+    ------
+    ConfigError
+        If ``requested`` is unknown.
+    """
+    if requested not in _ALIGN_MODES:
+        raise ConfigError(f"unknown align mode {requested!r}; use one of {_ALIGN_MODES}")
+    spread = rotation_range_deg(rotations_deg)
+    if requested != "auto":
+        return requested, spread
+    return ("integer" if spread < threshold_deg else "rgb_affine"), spread
+
+
+def even_pixel_shift(A: np.ndarray, centre_xy: tuple[float, float] | None = None) -> tuple[int, int]:
+    """Round a transform's displacement to even integers (keeps the Bayer phase).
+
+    The shift applies to the frame: frame pixel (x, y) goes to reference pixel
+    (x + dx, y + dy), i.e. ``aligned[y + dy, x + dx] = frame[y, x]``. Even values keep every
+    CFA site on a site of the same colour.
+
+    Parameters
+    ----------
+    A : numpy.ndarray
+        (2, 3) affine, frame pixel -> reference pixel.
+    centre_xy : tuple of float, optional
+        Frame point whose displacement ``A(p) - p`` is rounded; pass the frame centre
+        ``((width - 1) / 2, (height - 1) / 2)`` so that a small residual rotation does not
+        bias the shift. None uses the translation part ``A[:, 2]`` (displacement of pixel 0, 0).
+
+    Returns
+    -------
+    (int, int)
+        ``(dx, dy)``, both even.
+    """
+    A = np.asarray(A, dtype=np.float64)
+    if centre_xy is None:
+        displacement = A[:, 2]
+    else:
+        point = np.asarray(centre_xy, dtype=np.float64)
+        displacement = apply_transform(A, point) - point
+    dx, dy = (2 * np.round(displacement / 2.0)).astype(int)
+    return int(dx), int(dy)

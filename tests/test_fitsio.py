@@ -1,0 +1,153 @@
+"""FITS input/output against astropy as the independent reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from dwarf3gpu.errors import FitsReadError
+from dwarf3gpu.fitsio import read_fits, read_header, read_layout, read_raw_uint16, write_fits, write_raw_uint16
+
+from .conftest import realdata
+
+
+@pytest.fixture
+def raw_frame(tmp_path):
+    """A 16-bit frame covering the full uint16 range, written by astropy the way DWARF 3 does (BZERO = 32768)."""
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 65536, size=(37, 53), dtype=np.uint16)
+    data[0, :4] = [0, 1, 32767, 65535]
+    path = tmp_path / "raw.fits"
+    hdu = fits.PrimaryHDU(data)
+    hdu.header["BAYERPAT"] = "RGGB"
+    hdu.writeto(path)
+    return path, data
+
+
+def test_raw_uint16_exact_and_matches_astropy(raw_frame):
+    path, truth = raw_frame
+    with fits.open(path) as hdul:
+        assert hdul[0].header["BZERO"] == 32768
+        reference = hdul[0].data.astype(np.float32)
+    fast, header = read_fits(path)
+    slow, _ = read_fits(path, fast=False)
+    raw, _ = read_raw_uint16(path)
+    assert fast.dtype == np.float32 and slow.dtype == np.float32
+    np.testing.assert_array_equal(fast, reference)
+    np.testing.assert_array_equal(slow, reference)
+    np.testing.assert_array_equal(raw, truth)
+    assert raw.dtype == np.uint16 and raw.flags.c_contiguous
+    assert header["BAYERPAT"] == "RGGB"
+
+
+def test_signed_16bit_and_scaled_data_use_astropy_semantics(tmp_path):
+    data = np.array([[-32768, -1], [0, 32767]], dtype=np.int16)
+    hdu = fits.PrimaryHDU(data)
+    hdu.header["BSCALE"] = 2.0
+    hdu.header["BZERO"] = 10.0
+    path = tmp_path / "scaled.fits"
+    hdu.writeto(path)
+    with fits.open(path) as hdul:
+        expected = hdul[0].data.astype(np.float32)
+    np.testing.assert_array_equal(read_fits(path).data, expected)
+    np.testing.assert_array_equal(read_fits(path).data, data.astype(np.float32) * 2 + 10)
+    with pytest.raises(FitsReadError, match="not an unsigned 16-bit"):
+        read_raw_uint16(path)
+
+
+def test_write_raw_uint16_round_trip_has_device_layout(tmp_path):
+    data = np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000
+    path = write_raw_uint16(data, tmp_path / "x.fits", fits.Header({"EXPTIME": 60.0}))
+    header = read_header(path)
+    assert header["BITPIX"] == 16 and header["BZERO"] == 32768 and header["BSCALE"] == 1
+    assert header["EXPTIME"] == 60.0
+    np.testing.assert_array_equal(read_raw_uint16(path)[0], data)
+
+
+@pytest.mark.parametrize("layout", ["hwc", "chw"])
+def test_rgb_written_as_three_planes(tmp_path, layout):
+    rgb = np.random.default_rng(2).random((5, 7, 3)).astype(np.float32)
+    data = rgb if layout == "hwc" else np.moveaxis(rgb, -1, 0)
+    path = write_fits(data, tmp_path / "rgb.fits", fits.Header({"OBJECT": "M 31", "BZERO": 32768}))
+    with fits.open(path) as hdul:
+        hdr = hdul[0].header
+        assert (hdr["NAXIS"], hdr["NAXIS1"], hdr["NAXIS2"], hdr["NAXIS3"]) == (3, 7, 5, 3)
+        assert hdr["BITPIX"] == -32 and "BZERO" not in hdr
+        assert hdr["OBJECT"] == "M 31"
+        np.testing.assert_array_equal(hdul[0].data[1], rgb[..., 1])
+
+
+def test_write_fits_float32_and_replaces_atomically(tmp_path):
+    path = tmp_path / "sub" / "m.fits"
+    write_fits(np.zeros((4, 4)), path)
+    write_fits(np.full((4, 4), 2.5), path)
+    data, header = read_fits(path)
+    assert header["BITPIX"] == -32
+    np.testing.assert_array_equal(data, 2.5)
+    assert [p.name for p in path.parent.iterdir()] == ["m.fits"]  # no temporary left behind
+
+
+def test_nan_survives_round_trip(tmp_path):
+    data = np.ones((3, 3), np.float32)
+    data[1, 1] = np.nan
+    out = read_fits(write_fits(data, tmp_path / "nan.fits")).data
+    assert np.isnan(out[1, 1]) and np.nansum(out) == 8
+
+
+@pytest.mark.parametrize("cut", [100, 2880, 2880 + 10, "last data byte"])
+def test_truncated_files_raise_project_error(raw_frame, tmp_path, cut):
+    path, _ = raw_frame
+    blob = path.read_bytes()
+    if cut == "last data byte":
+        layout = read_layout(path)
+        cut = layout.data_offset + layout.data_nbytes - 1
+    bad = tmp_path / "bad.fits"
+    bad.write_bytes(blob[:cut])
+    with pytest.raises(FitsReadError, match="truncated") as info:
+        read_fits(bad)
+    assert "bad.fits" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"", "empty"),
+        (b"\x89PNG\r\n" + b"\0" * 4000, "not a FITS file"),
+        ((b"SIMPLE  =                    T".ljust(80) + b"\xff" * 80 + b"END".ljust(80)).ljust(2880), "non-ASCII"),
+        (b"SIMPLE  =                    T".ljust(2880, b" ") * 3, "truncated"),
+    ],
+)
+def test_corrupt_files_raise_project_error(tmp_path, content, problem):
+    bad = tmp_path / "corrupt.fits"
+    bad.write_bytes(content)
+    with pytest.raises(FitsReadError, match=problem):
+        read_fits(bad)
+
+
+def test_missing_file_and_headers_without_image(tmp_path):
+    with pytest.raises(FitsReadError, match="cannot be read"):
+        read_fits(tmp_path / "nope.fits")
+    empty = tmp_path / "table.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns([fits.Column("a", "E", array=[1.0])])]).writeto(empty)
+    with pytest.raises(FitsReadError, match="no image"):
+        read_fits(empty)
+
+
+def test_layout_offsets_match_astropy(raw_frame):
+    path, _ = raw_frame
+    layout = read_layout(path)
+    with fits.open(path) as hdul:
+        info = hdul[0].fileinfo()
+    assert layout.data_offset == info["datLoc"]
+    assert layout.shape == (37, 53) and layout.is_raw_uint16
+
+
+def test_real_seestar_frame_matches_astropy():
+    path = sorted(realdata("seestar_m94_s2").glob("*.fit"))[0]
+    fast, header = read_fits(path)
+    with fits.open(path) as hdul:
+        reference = hdul[0].data.astype(np.float32)
+    assert header["BAYERPAT"].strip() == "GRBG"
+    assert fast.shape == (1920, 1080)
+    np.testing.assert_array_equal(fast, reference)
