@@ -6,6 +6,7 @@ one-paragraph message and an exit code: 0 ok, 1 processing failure, 2 usage erro
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -35,6 +36,26 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def command(*args, **kwargs):
+    """Register a Typer command whose :class:`Dwarf3Error` becomes a message on stderr and its exit code.
+
+    Usage errors stay Click's (exit 2, with the usage line); anything else is a bug and keeps its traceback.
+    """
+
+    def register(func):
+        @functools.wraps(func)
+        def run(*a, **kw):
+            try:
+                return func(*a, **kw)
+            except Dwarf3Error as exc:
+                err_console.print(f"[bold red]error:[/] {exc}")
+                raise typer.Exit(exc.exit_code) from None
+
+        return app.command(*args, **kwargs)(run)
+
+    return register
 
 
 def _version_callback(value: bool) -> None:
@@ -75,7 +96,7 @@ def _parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-@app.command(
+@command(
     epilog=(
         "Examples:\n\n"
         "  dwarf3 simulate demo                       # a full-size 24-frame alt-az session\n\n"
@@ -114,7 +135,7 @@ def simulate(
     console.print(f"Next: [bold]dwarf3 frames '{result.session_dir}'[/]")
 
 
-@app.command(
+@command(
     epilog=(
         "Examples:\n\n"
         "  dwarf3 frames 'Astronomy/DWARF_RAW_TELE_M 31_EXP_15_GAIN_60_2025-10-18-04-51-22-420'\n\n"
@@ -139,8 +160,21 @@ def frames(
     else:
         _print_session(result)
     if not result.lights:
-        hint = " ".join(result.metadata.warnings[-1:]) or "check the path, or use --include-failed"
-        raise SessionError(f"no light frames found in {session}: {hint}")
+        raise SessionError(f"no light frames found in {session}: {_no_lights_hint(result)}")
+
+
+def _no_lights_hint(result) -> str:
+    """What to do when a folder has no usable lights, from what discovery saw."""
+    reasons = {e.reason for e in result.excluded}
+    hints = [w for w in result.metadata.warnings if "holds session folders" in w]
+    if "device_failed" in reasons:
+        hints.append("only failed_ frames are here; add --include-failed to use them")
+    if "header_mismatch" in reasons or "unreadable" in reasons:
+        hints.append("every FITS file was excluded; the table above says why")
+    return "; ".join(hints) or (
+        "expected DWARF lights named '<target>_<exp>s<gain>_<filter>_<time>_<temp>C.fits' "
+        "or FITS files with IMAGETYP='Light'"
+    )
 
 
 def _fmt(value: float | None) -> str:
@@ -187,13 +221,5 @@ def _print_session(result) -> None:
 
 
 def main() -> None:
-    """Console-script entry point: run the app and turn project errors into messages and exit codes.
-
-    Usage errors are Click's (exit 2, with the usage line); :class:`Dwarf3Error` subclasses print one message
-    and exit with their ``exit_code``; anything else is a bug and keeps its traceback.
-    """
-    try:
-        app()
-    except Dwarf3Error as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
-        sys.exit(exc.exit_code)
+    """Console-script entry point (``dwarf3``)."""
+    app()

@@ -5,8 +5,9 @@ or non-image file raises :class:`~dwarf3gpu.errors.FitsReadError` naming the fil
 
 Raw DWARF 3 (and Seestar) lights are 16-bit with ``BZERO = 32768, BSCALE = 1``: the stored big-endian
 ``int16`` value ``s`` stands for ``s + 32768``, which is the same bit pattern as the ``uint16`` value with
-its top bit flipped. :func:`read_raw_uint16` reads such frames with one byte swap and one XOR, without
-astropy's general scaling machinery (see ``benchmarks/bench_fitsio.py`` for the measured gain).
+its top bit flipped. :func:`read_raw_uint16` reads such frames with a single NumPy pass (byte swap fused with
+the XOR of the sign bit) and :func:`read_fits` with a single fused swap-convert-add, without astropy's general
+scaling machinery (``benchmarks/bench_fitsio.py`` measures the gain).
 """
 
 from __future__ import annotations
@@ -203,19 +204,24 @@ def read_raw_uint16(path: str | os.PathLike, layout: FitsLayout | None = None) -
     layout = layout or read_layout(path)
     if not layout.is_raw_uint16:
         raise FitsReadError(path, "not an unsigned 16-bit frame (BITPIX=16, BZERO=32768, BSCALE=1); use read_fits")
+    stored = _read_data_unit(path, layout, ">u2")
+    # one pass: byte swap to native order (the dtype cast) and flip the sign bit (+32768 modulo 2**16)
+    data = np.bitwise_xor(stored, np.uint16(0x8000), dtype=np.uint16)
+    return data, layout.header
+
+
+def _read_data_unit(path: str | os.PathLike, layout: FitsLayout, dtype: str) -> np.ndarray:
+    """Read the primary data unit as stored (big-endian ``dtype``), shaped; raise FitsReadError on short reads."""
     count = int(np.prod(layout.shape, dtype=np.int64))
     try:
         with open(path, "rb") as fh:
             fh.seek(layout.data_offset)
-            data = np.fromfile(fh, dtype=np.uint16, count=count)
+            stored = np.fromfile(fh, dtype=dtype, count=count)
     except OSError as exc:
         raise FitsReadError(path, f"cannot be read ({exc.strerror or exc})") from exc
-    if data.size != count:
+    if stored.size != count:
         raise FitsReadError(path, "the data unit is truncated")
-    if np.little_endian:
-        data.byteswap(inplace=True)
-    data ^= np.uint16(0x8000)
-    return data.reshape(layout.shape), layout.header
+    return stored.reshape(layout.shape)
 
 
 def read_fits(path: str | os.PathLike, *, fast: bool = True) -> FitsImage:
@@ -247,8 +253,9 @@ def read_fits(path: str | os.PathLike, *, fast: bool = True) -> FitsImage:
     """
     layout = read_layout(path)
     if fast and layout.is_raw_uint16:
-        data, header = read_raw_uint16(path, layout)
-        return FitsImage(data.astype(np.float32), header)
+        stored = _read_data_unit(path, layout, ">i2")
+        # one pass: byte swap, convert and add BZERO; every 16-bit value is exact in float32
+        return FitsImage(np.add(stored, np.float32(32768.0), dtype=np.float32), layout.header)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -9,9 +9,9 @@ pixel (0, 0), full-resolution mosaic pixels) to the reference frame's pixel::
 :func:`register_frame` finds ``A`` for one frame from two flux-sorted star lists. astroalign's
 ``find_transform`` (triangle invariants + RANSAC) supplies a first similarity transform from
 the brightest stars; :func:`refine_transform` then re-matches *all* detected stars by nearest
-neighbour and refits a least-squares affine with outlier rejection, which is where the
-accuracy comes from. Every function is pure (no module state), so callers may run them in a
-process pool.
+neighbour and refits by least squares with outlier rejection, which is where the accuracy
+comes from; :func:`select_model` keeps a full affine only where the stars call for one. Every
+function is pure (no module state), so callers may run them in a process pool.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ __all__ = [
     "register_frame",
     "refine_transform",
     "fit_transform",
+    "select_model",
+    "central_stars",
     "apply_transform",
     "invert_transform",
     "compose",
@@ -44,8 +46,12 @@ __all__ = [
     "even_pixel_shift",
 ]
 
-STAR_COUNTS = (30, 50, 100, 200)
-"""Brightest-star counts tried in turn with astroalign before the image attempt."""
+STAR_COUNTS = (30, 50)
+"""Brightest-star counts tried in turn with astroalign before the image attempt.
+
+Larger counts rarely help and astroalign's RANSAC costs O(matches^2) when it fails: measured
+0.3 s at 30 stars, 1 s at 50, 15 s at 100 and about 6 min at 200 on unrelated fields.
+"""
 
 IMAGE_SETTINGS = ((50, 5.0, 5), (100, 3.0, 3))
 """(max_control_points, detection_sigma, min_area) tried in turn for the image attempt."""
@@ -64,6 +70,7 @@ MAX_REFINE_ITERATIONS = 10
 
 _RAYLEIGH_MEDIAN = math.sqrt(2.0 * math.log(2.0))
 _MODELS = ("affine", "similarity")
+_MIN_PAIRS = 4
 _ALIGN_MODES = ("integer", "rgb_affine", "auto")
 _REFERENCE_MODES = ("best", "first")
 
@@ -88,7 +95,10 @@ class Registration:
     reason : str
         Empty on success; ``"alignment_failed: <why>"`` on failure.
     attempt : str
-        The attempt that succeeded (``"stars30"``, ..., ``"image"``); empty on failure.
+        The attempt that succeeded (``"centre30"``, ``"stars30"``, ..., ``"image"``); empty
+        on failure.
+    model : str
+        Model of ``matrix``, "similarity" or "affine"; empty on failure.
     """
 
     ok: bool
@@ -98,6 +108,7 @@ class Registration:
     rotation_deg: float
     reason: str
     attempt: str
+    model: str
 
     def to_json(self) -> dict:
         """Return the result as plain JSON-compatible values (NaN becomes None).
@@ -115,6 +126,7 @@ class Registration:
             "rotation_deg": _json_float(self.rotation_deg),
             "reason": self.reason,
             "attempt": self.attempt,
+            "model": self.model,
         }
 
 
@@ -364,31 +376,55 @@ def _fit_clipped(
     sigma = float(np.median(resid)) / _RAYLEIGH_MEDIAN
     cut = max(CLIP_SIGMA * sigma, MIN_RADIUS_PX)
     inliers = resid <= cut
-    if inliers.sum() >= _min_points(model) and not inliers.all():
+    if _MIN_PAIRS <= inliers.sum() < inliers.size:
         A = fit_transform(src[inliers], dst[inliers], model)
     return A, inliers, cut
 
 
-def _min_points(model: str) -> int:
-    """Return the fewest pairs that determine a transform of ``model``."""
-    return 3 if model == "affine" else 2
+def select_model(src: np.ndarray, dst: np.ndarray) -> str:
+    """Choose between a similarity and a full affine for matched pairs (BIC).
+
+    The affine has two more parameters (shear and anisotropic scale, e.g. the differential
+    atmospheric refraction that changes with altitude). It is kept only when it lowers the
+    Bayesian information criterion ``n ln(RSS / n) + k ln(n)`` (``n`` = 2 x pairs), i.e. when
+    the data show a real departure from a similarity; otherwise its extra freedom only adds
+    noise where the matched stars do not cover the frame.
+
+    Parameters
+    ----------
+    src, dst : numpy.ndarray
+        (N, 2) matched pairs, N >= 4.
+
+    Returns
+    -------
+    str
+        "affine" or "similarity".
+    """
+    n_obs = 2 * len(src)
+    rss = {}
+    for model in _MODELS:
+        resid = apply_transform(fit_transform(src, dst, model), src) - dst
+        rss[model] = max(float(np.sum(resid * resid)), 1e-300)
+    gain = n_obs * math.log(rss["similarity"] / rss["affine"])
+    return "affine" if gain > 2.0 * math.log(n_obs) else "similarity"
 
 
 def refine_transform(
     frame_xy: np.ndarray,
     ref_xy: np.ndarray,
     A0: np.ndarray,
-    model: str = "affine",
+    model: str = "auto",
     radius: float = INITIAL_RADIUS_PX,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str] | None:
     """Refine a rough transform by nearest-neighbour re-matching of all stars.
 
     Each pass matches every frame star to its nearest reference star under the current
-    transform (one-to-one, within the radius), fits ``model`` by least squares, rejects pairs
-    beyond ``max(CLIP_SIGMA * sigma, MIN_RADIUS_PX)`` (sigma from the median residual) and
-    refits. The next pass matches within twice that cut (never more than ``radius``). It stops
-    when a pass keeps the same pairs as the previous one, so the answer depends only on that
-    final match set and not on the random sampling behind ``A0``.
+    transform (one-to-one, within the radius), fits by least squares, rejects pairs beyond
+    ``max(CLIP_SIGMA * sigma, MIN_RADIUS_PX)`` (sigma from the median residual) and refits.
+    The next pass matches within twice that cut (never more than ``radius``). It stops when a
+    pass keeps the same pairs as the previous one, so the answer depends only on that final
+    match set and not on the random sampling behind ``A0``. With ``model="auto"`` the passes
+    fit an affine and :func:`select_model` picks the final model on the final pairs.
 
     Parameters
     ----------
@@ -396,34 +432,41 @@ def refine_transform(
         (N, 2) and (M, 2) star positions [x, y] in the frame and in the reference.
     A0 : numpy.ndarray
         (2, 3) starting transform, frame -> reference.
-    model : {"affine", "similarity"}
-        Transform fitted, see :func:`fit_transform`.
+    model : {"auto", "affine", "similarity"}
+        Transform fitted, see :func:`fit_transform` and :func:`select_model`.
     radius : float, optional
         Match radius of the first pass, in reference pixels.
 
     Returns
     -------
     tuple or None
-        ``(A, frame_idx, ref_idx)``: the refined transform and the indices of the pairs used
-        in its fit; None when fewer pairs than the model needs were found.
+        ``(A, frame_idx, ref_idx, model)``: the refined transform, the indices of the pairs
+        used in its fit and the model fitted; None when fewer than 4 pairs were found.
     """
-    if min(len(frame_xy), len(ref_xy)) < _min_points(model):
+    pass_model = "affine" if model == "auto" else model
+    if min(len(frame_xy), len(ref_xy)) < _MIN_PAIRS:
         return None
     tree = cKDTree(ref_xy)
     A = np.asarray(A0, dtype=np.float64)
     previous = None
     for _ in range(MAX_REFINE_ITERATIONS):
         src_idx, dst_idx = _match_nearest(frame_xy, tree, A, radius)
-        if src_idx.size < _min_points(model):
+        if src_idx.size < _MIN_PAIRS:
             return None
-        A, inliers, cut = _fit_clipped(frame_xy[src_idx], ref_xy[dst_idx], model)
+        A, inliers, cut = _fit_clipped(frame_xy[src_idx], ref_xy[dst_idx], pass_model)
         src_idx, dst_idx = src_idx[inliers], dst_idx[inliers]
+        if src_idx.size < _MIN_PAIRS:
+            return None
         pairs = (src_idx.tobytes(), dst_idx.tobytes())
         if pairs == previous:
             break
         previous = pairs
         radius = min(radius, 2.0 * cut)
-    return A, src_idx, dst_idx
+    src, dst = frame_xy[src_idx], ref_xy[dst_idx]
+    final_model = select_model(src, dst) if model == "auto" else model
+    if final_model != pass_model:
+        A = fit_transform(src, dst, final_model)
+    return A, src_idx, dst_idx, final_model
 
 
 # --------------------------------------------------------------------------- registration
@@ -447,8 +490,8 @@ def _accept(
         return None, f"scale {scale(A0):.4f} from astroalign is implausible"
     refined = refine_transform(frame_xy, ref_xy, A0, checks.model)
     if refined is None:
-        return None, "no star pairs within the match radius"
-    A, src_idx, dst_idx = refined
+        return None, "too few star pairs within the match radius"
+    A, src_idx, dst_idx, model = refined
     n = int(src_idx.size)
     if n < checks.min_matches:
         return None, f"only {n} star pairs (need {checks.min_matches})"
@@ -458,32 +501,91 @@ def _accept(
         return None, f"residual {rms:.3f} px RMS exceeds {checks.max_rms_px} px"
     if abs(scale(A) - 1.0) > checks.max_scale_error:
         return None, f"refined scale {scale(A):.4f} is implausible"
-    return Registration(True, A, n, rms, rotation_deg(A), "", attempt), ""
+    return Registration(True, A, n, rms, rotation_deg(A), "", attempt, model), ""
+
+
+def central_stars(xy: np.ndarray, count: int) -> np.ndarray:
+    """Return the brightest ``count`` stars inside the central disk of a star list.
+
+    The disk is centred on the middle of the list's bounding box (about the frame centre)
+    with a radius of half its smaller side. Alt-az field rotation turns the field about the
+    tracked target at the frame centre, so this disk shows the same stars at any rotation,
+    while the brightest stars of the whole frame may lie outside the common area.
+
+    Parameters
+    ----------
+    xy : numpy.ndarray
+        (N, 2) positions, brightest first.
+    count : int
+        Stars returned at most.
+
+    Returns
+    -------
+    numpy.ndarray
+        (M, 2) positions, M <= count, still brightest first.
+    """
+    low, high = xy.min(axis=0), xy.max(axis=0)
+    radius = 0.5 * float(np.min(high - low))
+    inside = np.linalg.norm(xy - 0.5 * (low + high), axis=1) <= radius
+    return xy[inside][:count]
+
+
+def _find_transform(source: np.ndarray, target: np.ndarray, **settings) -> tuple[tuple | None, str]:
+    """Call astroalign.find_transform, turning any failure into a reason.
+
+    Parameters
+    ----------
+    source, target : numpy.ndarray
+        (N, 2) star lists or 2-D images, frame first.
+    **settings
+        Keyword arguments of ``astroalign.find_transform``.
+
+    Returns
+    -------
+    (tuple or None, str)
+        ``((A, source_matched, target_matched), "")`` with ``A`` the (2, 3) similarity, or
+        ``(None, reason)``. Every exception counts as a failure (MaxIterError, ValueError for
+        too few stars, TypeError or others on degenerate lists), as alignment must not raise.
+    """
+    try:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            transform, (src, dst) = astroalign.find_transform(source, target, **settings)
+    except Exception as exc:  # third-party boundary: every failure is a reason, see docstring
+        return None, f"{type(exc).__name__}: {exc}"
+    A = np.asarray(transform.params[:2], dtype=np.float64)
+    if not np.all(np.isfinite(A)):
+        return None, "astroalign returned a non-finite transform"
+    return (A, src, dst), ""
+
+
+def _brightest(xy: np.ndarray, count: int) -> np.ndarray:
+    """Return the first ``count`` rows of a flux-sorted star list."""
+    return xy[:count]
 
 
 def _star_attempts(
     frame_xy: np.ndarray, ref_xy: np.ndarray, counts: Sequence[int], checks: _Checks
 ) -> tuple[Registration | None, list[str]]:
-    """Run astroalign on the brightest ``n`` stars for each ``n`` in ``counts``, then refine."""
+    """astroalign on the brightest stars (central disk, then whole frame) per count; refine."""
     reasons = []
-    tried = set()
+    tried = []
     for count in counts:
-        n_frame, n_ref = min(count, len(frame_xy)), min(count, len(ref_xy))
-        if (n_frame, n_ref) in tried:
-            continue
-        tried.add((n_frame, n_ref))
-        attempt = f"stars{count}"
-        try:
-            transform, _ = astroalign.find_transform(
-                frame_xy[:n_frame], ref_xy[:n_ref], max_control_points=max(n_frame, n_ref)
+        for region, select in (("centre", central_stars), ("stars", _brightest)):
+            attempt = f"{region}{count}"
+            frame_pts, ref_pts = select(frame_xy, count), select(ref_xy, count)
+            if any(np.array_equal(frame_pts, f) and np.array_equal(ref_pts, r) for f, r in tried):
+                continue
+            tried.append((frame_pts, ref_pts))
+            found, why = _find_transform(
+                frame_pts, ref_pts, max_control_points=max(len(frame_pts), len(ref_pts))
             )
-        except (astroalign.MaxIterError, ValueError) as exc:
-            reasons.append(f"{attempt}: {type(exc).__name__}: {exc}")
-            continue
-        result, why = _accept(frame_xy, ref_xy, transform.params[:2], checks, attempt)
-        if result is not None:
-            return result, reasons
-        reasons.append(f"{attempt}: {why}")
+            if found is None:
+                reasons.append(f"{attempt}: {why}")
+                continue
+            result, why = _accept(frame_xy, ref_xy, found[0], checks, attempt)
+            if result is not None:
+                return result, reasons
+            reasons.append(f"{attempt}: {why}")
     return None, reasons
 
 
@@ -498,15 +600,14 @@ def _image_attempt(
     frame_img, ref_img = images()
     reasons = []
     for max_points, sigma, area in IMAGE_SETTINGS:
-        try:
-            transform, (src, dst) = astroalign.find_transform(
-                frame_img, ref_img, max_control_points=max_points,
-                detection_sigma=sigma, min_area=area,
-            )
-        except (astroalign.MaxIterError, ValueError) as exc:
-            reasons.append(f"image: {type(exc).__name__}: {exc}")
+        found, why = _find_transform(
+            frame_img, ref_img, max_control_points=max_points, detection_sigma=sigma, min_area=area
+        )
+        if found is None:
+            reasons.append(f"image: {why}")
             continue
-        A0 = _unbin_transform(transform.params[:2], image_bin)
+        A_binned, src, dst = found
+        A0 = _unbin_transform(A_binned, image_bin)
         src_full, dst_full = _unbin_points(src, image_bin), _unbin_points(dst, image_bin)
         for frame_pts, ref_pts in ((frame_xy, ref_xy), (src_full, dst_full)):
             result, why = _accept(frame_pts, ref_pts, A0, checks, "image")
@@ -542,7 +643,7 @@ def register_frame(
     frame_xy: np.ndarray,
     ref_xy: np.ndarray,
     *,
-    model: str = "affine",
+    model: str = "auto",
     counts: Sequence[int] = STAR_COUNTS,
     images: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
     image_bin: int = 1,
@@ -552,20 +653,22 @@ def register_frame(
 ) -> Registration:
     """Find the transform mapping a frame's pixels onto the reference frame's pixels.
 
-    Attempts, in order, until one passes the checks: astroalign ``find_transform`` on the
-    brightest ``n`` stars of both lists for each ``n`` in ``counts`` (arrays in, never
-    images), then, when ``images`` is given, astroalign on the images with the settings in
-    :data:`IMAGE_SETTINGS`. Each astroalign similarity is refined by
-    :func:`refine_transform` over all stars and accepted when at least ``min_matches`` pairs
-    remain, their RMS residual is at most ``max_rms_px`` and the scale is within
-    ``max_scale_error`` of 1. Alignment failures never raise.
+    Attempts, in order, until one passes the checks: for each ``n`` in ``counts``,
+    astroalign ``find_transform`` on the brightest ``n`` stars inside the central disk of
+    both lists (``"centre<n>"``, see :func:`central_stars`), then on the brightest ``n`` of
+    the whole lists (``"stars<n>"``), arrays in, never images; then, when ``images`` is given,
+    astroalign on the images with the settings in :data:`IMAGE_SETTINGS` ("image"). Each
+    astroalign similarity is refined by :func:`refine_transform` over all stars and accepted
+    when at least ``min_matches`` pairs remain, their RMS residual is at most ``max_rms_px``
+    and the scale is within ``max_scale_error`` of 1. Alignment failures never raise.
 
     Parameters
     ----------
     frame_xy, ref_xy : numpy.ndarray
         (N, 2) and (M, 2) star positions [x, y] in full-resolution pixels, brightest first.
-    model : {"affine", "similarity"}, optional
-        Transform refined; "affine" also absorbs differential refraction (see METHODS.md).
+    model : {"auto", "affine", "similarity"}, optional
+        Transform refined. "auto" fits an affine and keeps it only when the stars show a
+        significant departure from a similarity (see :func:`select_model` and METHODS.md).
     counts : sequence of int, optional
         Brightest-star counts handed to astroalign, tried in order.
     images : callable, optional
@@ -593,13 +696,13 @@ def register_frame(
     ConfigError
         If ``model`` is unknown.
     """
-    if model not in _MODELS:
-        raise ConfigError(f"unknown transform model {model!r}; use one of {_MODELS}")
+    if model not in ("auto",) + _MODELS:
+        raise ConfigError(f"unknown transform model {model!r}; use auto or one of {_MODELS}")
     frame_xy = _as_points(frame_xy, "frame_xy")
     ref_xy = _as_points(ref_xy, "ref_xy")
     checks = _Checks(model, min_matches, max_rms_px, max_scale_error)
     reasons = []
-    if min(len(frame_xy), len(ref_xy)) >= max(3, min_matches):
+    if min(len(frame_xy), len(ref_xy)) >= max(_MIN_PAIRS, min_matches):
         result, reasons = _star_attempts(frame_xy, ref_xy, counts, checks)
         if result is not None:
             return result
@@ -611,7 +714,7 @@ def register_frame(
             return result
         reasons.extend(image_reasons)
     return Registration(
-        False, None, 0, math.nan, math.nan, "alignment_failed: " + "; ".join(reasons), ""
+        False, None, 0, math.nan, math.nan, "alignment_failed: " + "; ".join(reasons), "", ""
     )
 
 

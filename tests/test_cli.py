@@ -1,0 +1,67 @@
+"""The dwarf3 command line: help, version, exit codes, JSON output, and that sessions are only read."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from dwarf3gpu import __version__
+from dwarf3gpu.cli import app
+
+from .conftest import hash_tree, realdata
+
+runner = CliRunner()
+
+
+def test_version_and_module_entry_point():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+    proc = subprocess.run([sys.executable, "-m", "dwarf3gpu", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and __version__ in proc.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["simulate"], ["frames"]])
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_everywhere(command, flag):
+    result = runner.invoke(app, [*command, flag], terminal_width=200)
+    assert result.exit_code == 0
+    assert "Usage" in result.output
+    if command:
+        assert "Examples" in result.output
+
+
+def test_usage_error_exit_code_2():
+    assert runner.invoke(app, ["frames"]).exit_code == 2
+    assert runner.invoke(app, ["frames", "x", "--no-such-option"]).exit_code == 2
+
+
+def test_missing_session_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dwarf3gpu", "frames", str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert "session folder not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_frames_json_on_real_frames_and_nothing_written():
+    folder = realdata("seestar_m94_s2")
+    before = hash_tree(folder)
+    result = runner.invoke(app, ["frames", str(folder), "--json"])
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert len(data["lights"]) == 6
+    assert data["metadata"]["bayer_pattern"] == "GRBG"
+    table = runner.invoke(app, ["frames", str(folder)], terminal_width=200)
+    assert table.exit_code == 0 and "6 light frames" in table.output
+    assert hash_tree(folder) == before
+
+
+def test_frames_on_empty_folder_fails_with_exit_1(tmp_path):
+    result = runner.invoke(app, ["frames", str(tmp_path)])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)  # handled, not a crash
+    assert "no light frames found" in result.stderr and "IMAGETYP" in result.stderr
