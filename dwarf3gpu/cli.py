@@ -20,7 +20,8 @@ from rich.table import Table
 from . import __version__
 from .errors import ConfigError, Dwarf3Error, SessionError
 
-console = Console()
+# wide tables stay readable when the output goes to a file or a pipe (Rich would assume 80 columns)
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 
 app = typer.Typer(
@@ -139,28 +140,117 @@ def simulate(
     epilog=(
         "Examples:\n\n"
         "  dwarf3 frames 'Astronomy/DWARF_RAW_TELE_M 31_EXP_15_GAIN_60_2025-10-18-04-51-22-420'\n\n"
-        "  dwarf3 frames SESSION --json > frames.json\n\n"
+        "  dwarf3 frames SESSION --scored                 # measure, score, register; why each frame is dropped\n\n"
+        "  dwarf3 frames SESSION --scored --keep 0.8 --max-fwhm 6 --save keep.txt\n\n"
+        "  dwarf3 frames SESSION --scored --json > frames.json\n\n"
         "  dwarf3 frames ~/seestar/M94            # a plain folder of Seestar .fit lights works too"
     )
 )
 def frames(
     session: Annotated[Path, typer.Argument(help="Session folder (DWARF_RAW_...) or a folder of one-shot-colour FITS lights.")],
+    scored: Annotated[bool, typer.Option("--scored", help="Measure every frame (stars, FWHM, background, noise), register it on the reference, score it and show the selection.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts).")] = False,
     include_failed: Annotated[bool, typer.Option("--include-failed", help="Treat the device's failed_ frames as lights.")] = False,
+    keep: Annotated[float, typer.Option(help="Fraction of the frames to keep, best scores first.")] = 0.92,
+    score: Annotated[str, typer.Option(help="Score: 'weighted' (SNR-based, uses FWHM and transparency) or 'classic'.")] = "weighted",
+    reference: Annotated[str, typer.Option(help="Reference frame: 'best' (highest score) or 'first'.")] = "best",
+    align_mode: Annotated[str, typer.Option(help="'auto' (even-pixel shifts when field rotation < 0.1 deg, else affine), 'integer' or 'rgb_affine'.")] = "auto",
+    max_fwhm: Annotated[Optional[float], typer.Option(help="Reject frames whose median star FWHM (px) is above this.")] = None,
+    min_stars: Annotated[int, typer.Option(help="Reject frames with fewer detected stars.")] = 8,
+    max_eccentricity: Annotated[Optional[float], typer.Option(help="Reject frames whose stars are more elongated (0 = round, 1 = line).")] = None,
+    min_transparency: Annotated[Optional[float], typer.Option(help="Reject frames whose star flux relative to the reference is below this (clouds).")] = None,
+    max_background: Annotated[Optional[float], typer.Option(help="Reject frames whose sky is brighter than this many times the session median.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores); results do not depend on it.")] = None,
+    out: Annotated[Path, typer.Option(help="Output root; caches go to OUT/<session>/cache/.")] = Path("processedData"),
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.")] = False,
+    cache_refresh: Annotated[bool, typer.Option("--cache-refresh", help="Recompute everything and overwrite the cache.")] = False,
+    save: Annotated[Optional[Path], typer.Option(help="With --scored: write the kept frame names, one per line (input of --frame-list).")] = None,
 ) -> None:
-    """List the light frames of a session in observation order, and every excluded file with its reason.
+    """List the light frames of a session and every excluded file with its reason; with --scored, also
+    measure, score, register and select them.
 
-    Nothing is written anywhere; the session folder is only read.
+    The session folder is only read; --scored writes its caches under OUT/<session>/cache/.
     """
     from .session import discover
 
     result = discover(session, include_failed=include_failed)
-    if as_json:
-        sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
-    else:
-        _print_session(result)
     if not result.lights:
+        if not as_json:
+            _print_session(result)
         raise SessionError(f"no light frames found in {session}: {_no_lights_hint(result)}")
+    if not scored:
+        if save is not None:
+            raise ConfigError("--save needs --scored (the kept frames are only known after scoring)")
+        if as_json:
+            sys.stdout.write(json.dumps(result.to_json(), indent=2) + "\n")
+        else:
+            _print_session(result)
+        return
+
+    from .analysis import AnalysisConfig, analyze_session, output_dir_for
+    from .quality import SelectionLimits
+
+    config = AnalysisConfig(
+        keep=keep, score=score, reference=reference, align_mode=align_mode,
+        limits=SelectionLimits(max_fwhm, min_stars, max_eccentricity, min_transparency, max_background),
+    )
+    out_dir = output_dir_for(session, out)
+    with progress_bar() as bar:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        analysis = analyze_session(
+            result, config, out_dir=out_dir, workers=workers, use_cache=not no_cache,
+            refresh_cache=cache_refresh, progress=report,
+        )
+    if save is not None:
+        from .atomic import write_text_atomic
+
+        write_text_atomic(save, "".join(r.frame.name + "\n" for r in analysis.kept))
+    if as_json:
+        sys.stdout.write(json.dumps({"session": result.to_json(), "analysis": analysis.to_json()}, indent=2) + "\n")
+    else:
+        _print_session(result, lights_table=False)
+        _print_analysis(analysis)
+        if save is not None:
+            console.print(f"Kept frame names written to {save}")
+
+
+def _print_analysis(analysis) -> None:
+    """Per-frame metrics, score and decision, then a one-line summary."""
+    table = Table(title="frames, scored", title_justify="left")
+    columns = ("#", "file", "stars", "FWHM", "ecc", "bkg", "noise", "sat%", "transp", "rot deg", "rms px", "score", "decision")
+    for col in columns:
+        if col == "file":
+            table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=36)
+        else:
+            table.add_column(col, justify="left" if col == "decision" else "right")
+    for i, r in enumerate(analysis.records):
+        m, reg = r.metrics, r.registration
+        ref = " (ref)" if i == analysis.reference_index else ""
+        decision = "[green]kept[/]" + ref if r.decision.kept else f"[red]{r.decision.reason}[/] {r.decision.detail}"
+        table.add_row(
+            str(i), r.frame.name,
+            str(m.n_stars) if m else "-", _fmt(m.fwhm, ".2f") if m else "-", _fmt(m.eccentricity, ".2f") if m else "-",
+            _fmt(m.background, ".0f") if m else "-", _fmt(m.noise, ".1f") if m else "-",
+            _fmt(100 * m.saturated_fraction, ".3f") if m else "-", _fmt(m.transparency, ".2f") if m else "-",
+            _fmt(reg.rotation_deg, ".2f") if reg and reg.ok else "-", _fmt(reg.rms_px, ".3f") if reg and reg.ok else "-",
+            _fmt(r.score, ".3g"), decision,
+        )
+    console.print(table)
+    reasons: dict[str, int] = {}
+    for r in analysis.rejected:
+        reasons[r.decision.reason] = reasons.get(r.decision.reason, 0) + 1
+    why = ", ".join(f"{n} {k}" for k, n in sorted(reasons.items())) or "none"
+    console.print(
+        f"kept [bold]{len(analysis.kept)}[/] of {len(analysis.records)} (rejected: {why}); "
+        f"reference {analysis.reference.frame.name}; field rotation {analysis.rotation_range_deg:.2f} deg "
+        f"-> align mode [bold]{analysis.align_mode}[/]"
+    )
 
 
 def _no_lights_hint(result) -> str:
@@ -177,13 +267,15 @@ def _no_lights_hint(result) -> str:
     )
 
 
-def _fmt(value: float | None) -> str:
-    """Compact number for tables, '?' when unknown."""
-    return "?" if value is None else f"{value:g}"
+def _fmt(value: float | None, spec: str = "g") -> str:
+    """Number for tables; '?' when unknown or not finite."""
+    if value is None or value != value:
+        return "?"
+    return format(value, spec)
 
 
-def _print_session(result) -> None:
-    """Print the metadata, lights and excluded tables of a discovery result."""
+def _print_session(result, *, lights_table: bool = True) -> None:
+    """Print the metadata, lights (optional), excluded and calibration tables of a discovery result."""
     meta = result.metadata
     temps = (
         f"{_fmt(meta.temperature_min_c)}..{_fmt(meta.temperature_max_c)} C"
@@ -200,7 +292,7 @@ def _print_session(result) -> None:
     for i, f in enumerate(result.lights):
         mid = f.mid_time.isoformat(sep=" ", timespec="seconds") if f.mid_time else "?"
         lights.add_row(str(i), mid, _fmt(f.exposure_s), _fmt(f.temperature_c), f"{f.width}x{f.height}", f.name)
-    if result.lights:
+    if result.lights and lights_table:
         console.print(lights)
     if result.excluded:
         table = Table(title=f"{len(result.excluded)} excluded", title_justify="left")
