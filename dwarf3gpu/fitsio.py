@@ -318,7 +318,10 @@ def write_fits(data: np.ndarray, path: str | os.PathLike, header: fits.Header | 
 
 
 def write_raw_uint16(data: np.ndarray, path: str | os.PathLike, header: fits.Header | None = None) -> Path:
-    """Write a uint16 image the way DWARF 3 does: BITPIX = 16, BZERO = 32768, BSCALE = 1.
+    """Write a uint16 image byte for byte the way DWARF 3 does: BITPIX = 16, BZERO = 32768, BSCALE = 1.
+
+    The structural cards come first in the device's order (SIMPLE, BITPIX, NAXIS, NAXISn, EXTEND, BZERO,
+    BSCALE), then the cards of ``header``; the data are big-endian ``int16`` values ``v - 32768``.
 
     Parameters
     ----------
@@ -327,7 +330,7 @@ def write_raw_uint16(data: np.ndarray, path: str | os.PathLike, header: fits.Hea
     path : str or os.PathLike
         Destination (written atomically).
     header : astropy.io.fits.Header, optional
-        Cards to copy after the structural ones.
+        Cards to copy after the structural ones (comments kept).
 
     Returns
     -------
@@ -337,7 +340,22 @@ def write_raw_uint16(data: np.ndarray, path: str | os.PathLike, header: fits.Hea
     arr = np.ascontiguousarray(data)
     if arr.dtype != np.uint16:
         raise ValueError(f"write_raw_uint16 expects uint16 data, got {arr.dtype}")
-    hdu = fits.PrimaryHDU(arr, header=_clean_header(header))  # astropy stores uint16 as BZERO = 32768
-    with atomic_path(path) as tmp:
-        hdu.writeto(tmp, overwrite=True, output_verify="silentfix")
+    out = fits.Header()
+    out["SIMPLE"] = (True, "file does conform to FITS standard")
+    out["BITPIX"] = (16, "number of bits per data pixel")
+    out["NAXIS"] = (arr.ndim, "number of data axes")
+    for i, n in enumerate(reversed(arr.shape), start=1):
+        out[f"NAXIS{i}"] = (n, f"length of data axis {i}")
+    out["EXTEND"] = (True, "FITS dataset may contain extensions")
+    out["BZERO"] = (32768, "offset data range to that of unsigned short")
+    out["BSCALE"] = (1, "default scaling factor")
+    for card in _clean_header(header).cards:
+        out.append(card, end=True)
+    text = out.tostring()  # padded to a multiple of 2880 bytes, END included
+    stored = np.bitwise_xor(arr, np.uint16(0x8000)).astype(">u2")
+    pad = (-stored.nbytes) % BLOCK
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(text.encode("ascii"))
+        fh.write(stored.tobytes())
+        fh.write(b"\0" * pad)
     return Path(path)

@@ -151,3 +151,17 @@ def test_real_seestar_frame_matches_astropy():
     assert header["BAYERPAT"].strip() == "GRBG"
     assert fast.shape == (1920, 1080)
     np.testing.assert_array_equal(fast, reference)
+
+
+def test_raw_writer_reproduces_the_real_device_header(tmp_path):
+    """Written with the real DWARF 3 light header, the file's header equals the dump card for card."""
+    from .conftest import header_from_dump
+
+    dump = header_from_dump(realdata("dwarf3_reference_text", "typ-light_IC434.txt"))
+    path = write_raw_uint16(np.zeros((2180, 3856), np.uint16), tmp_path / "light.fits", dump)
+    written = read_header(path)
+    assert list(written.keys()) == list(dump.keys())
+    for key in dump:
+        assert written[key] == dump[key], key
+        assert written.comments[key] == dump.comments[key], key
+    assert path.stat().st_size == 2880 + 2180 * 3856 * 2 + (-(2180 * 3856 * 2)) % 2880
