@@ -8,17 +8,52 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .errors import ConfigError, Dwarf3Error, FitsReadError, SessionError
-from .fitsio import FitsImage, read_fits, read_header, read_raw_uint16, write_fits
+from .fitsio import FitsImage, read_fits, read_header, read_raw_uint16, write_fits, write_raw_uint16
+from .session import CalibrationCandidate, ExcludedFile, LightFrame, Session, discover, list_lights
+from .simulate import SimulatedSession, SimulationConfig, simulate_session
+from .stars import StarList, detect_stars, luminance_proxy
+from .quality import FrameMetrics, SelectionLimits, score_frames, select_frames
+from .register import Registration, apply_transform, invert_transform, register_frame
+from .analysis import AnalysisConfig, SessionAnalysis, analyze_session
 
 __all__ = [
     "__version__",
+    # errors
     "Dwarf3Error",
     "FitsReadError",
     "SessionError",
     "ConfigError",
+    # FITS
     "FitsImage",
     "read_fits",
     "read_header",
     "read_raw_uint16",
     "write_fits",
+    "write_raw_uint16",
+    # discovery
+    "Session",
+    "LightFrame",
+    "ExcludedFile",
+    "CalibrationCandidate",
+    "discover",
+    "list_lights",
+    # synthetic sessions
+    "SimulationConfig",
+    "SimulatedSession",
+    "simulate_session",
+    # measure, select, register
+    "StarList",
+    "detect_stars",
+    "luminance_proxy",
+    "FrameMetrics",
+    "SelectionLimits",
+    "score_frames",
+    "select_frames",
+    "Registration",
+    "register_frame",
+    "apply_transform",
+    "invert_transform",
+    "AnalysisConfig",
+    "SessionAnalysis",
+    "analyze_session",
 ]

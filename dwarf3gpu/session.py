@@ -454,7 +454,8 @@ def _classify(entry: Path, include_failed: bool, folder_info: dict, warnings: li
         return ExcludedFile(entry, "device_stack", "the device's own live stack; never an input")
     if not lower.endswith(FITS_SUFFIXES):
         kind = "device_by_product" if lower.endswith(BY_PRODUCT_SUFFIXES) else "not_fits"
-        return ExcludedFile(entry, kind, "not a FITS file")
+        detail = "device preview or by-product image" if kind == "device_by_product" else "not a FITS file"
+        return ExcludedFile(entry, kind, detail)
     failed = lower.startswith("failed_")
     if failed and not include_failed:
         return ExcludedFile(entry, "device_failed", "rejected by the device's live stack (use --include-failed to try it)")

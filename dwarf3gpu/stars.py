@@ -45,7 +45,12 @@ TRAIL_MIN_SIGMA = 8.0
 of 28 proxy = 55 full-resolution pixels or longer) ..."""
 
 TRAIL_MAX_AXIS_RATIO = 0.3
-"""... and whose minor/major axis ratio is at most this is a trail: no star is taken from it."""
+"""... whose minor/major axis ratio is at most this ..."""
+
+TRAIL_MAX_WIDTH_SIGMA = 5.0
+"""... and whose minor-axis standard deviation is at most this many proxy pixels (a band at most ~17 proxy =
+35 full-resolution pixels wide: a satellite trail is as wide as the PSF, an inclined galaxy's footprint is
+far wider) is a trail: no star is taken from it, and it counts in ``StarList.n_trails``."""
 
 WINDOW_PER_SIGMA = 1.5
 """Measuring window: Gaussian of this many times the frame's median star sigma."""
@@ -330,8 +335,9 @@ def _on_trail(above: np.ndarray, r: np.ndarray, c: np.ndarray) -> tuple[np.ndarr
     """Flag the peaks ``(r, c)`` that lie on a satellite or aircraft trail.
 
     A trail is a connected component (8-connected) of the detection mask ``above`` whose footprint has a
-    major-axis standard deviation of at least :data:`TRAIL_MIN_SIGMA` and a minor/major axis ratio of at
-    most :data:`TRAIL_MAX_AXIS_RATIO` (unweighted second moments of its pixels). A peak is on the trail
+    major-axis standard deviation of at least :data:`TRAIL_MIN_SIGMA`, a minor/major axis ratio of at
+    most :data:`TRAIL_MAX_AXIS_RATIO` and a minor-axis standard deviation of at most
+    :data:`TRAIL_MAX_WIDTH_SIGMA` (unweighted second moments of its pixels). A peak is on the trail
     when it lies within ``2 sigma_minor + 1.5`` pixels of the footprint's major axis, so a star that only
     touches a trail keeps its place.
 
@@ -361,7 +367,7 @@ def _on_trail(above: np.ndarray, r: np.ndarray, c: np.ndarray) -> tuple[np.ndarr
     mean = 0.5 * (vxx + vyy)
     spread = np.sqrt(0.25 * (vxx - vyy) ** 2 + vxy**2)
     major, minor = mean + spread, np.maximum(mean - spread, 0.0)
-    trail = (major >= TRAIL_MIN_SIGMA**2) & (minor <= TRAIL_MAX_AXIS_RATIO**2 * major)
+    trail = (major >= TRAIL_MIN_SIGMA**2) & (minor <= TRAIL_MAX_AXIS_RATIO**2 * major) & (minor <= TRAIL_MAX_WIDTH_SIGMA**2)
     k = labels[r, c]
     angle = 0.5 * np.arctan2(2.0 * vxy[k], vxx[k] - vyy[k])  # direction of the major axis
     distance = np.abs((r - my[k]) * np.cos(angle) - (c - mx[k]) * np.sin(angle))
