@@ -151,7 +151,8 @@ def frame_metrics(mosaic: np.ndarray, stars: StarList, *, saturation: float | No
     """
     saturated = 0.0
     if saturation is not None and mosaic.size:
-        saturated = float(np.count_nonzero(mosaic >= saturation)) / mosaic.size
+        level = _level_for(mosaic.dtype, saturation)
+        saturated = float(np.count_nonzero(mosaic >= level)) / mosaic.size
     return FrameMetrics(
         background=float(stars.background),
         noise=float(stars.noise),
@@ -330,6 +331,15 @@ def _hard_rejection(
             f"background {m.background:.1f} ADU > {limits.max_background:g} x session median {median_bg:.1f}",
         )
     return None
+
+
+def _level_for(dtype: np.dtype, level: float):
+    """``level`` in the array's own integer type when exact (avoids a float64 copy of a uint16 frame)."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        if float(level).is_integer() and info.min <= level <= info.max:
+            return dtype.type(level)
+    return level
 
 
 def _median_positive(values: np.ndarray) -> float:
