@@ -16,6 +16,7 @@ for any number of workers and with or without the cache.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -30,7 +31,7 @@ from .cache import FrameCache, file_identity
 from .errors import ConfigError, FitsReadError, SessionError
 from .fitsio import read_fits, read_layout, read_raw_uint16
 from .quality import SCORE_METHODS, Decision, FrameMetrics, SelectionLimits, frame_metrics, score_frames, select_frames, transparency
-from .register import Registration, choose_align_mode, choose_reference, register_frame
+from .register import Registration, choose_align_mode, choose_reference, register_frame, rotation_deg
 from .session import LightFrame, Session
 from .stars import StarList, detect_stars, luminance_proxy
 
@@ -236,6 +237,7 @@ def analyze_session(
     use_cache: bool = True,
     refresh_cache: bool = False,
     progress: ProgressCallback | None = None,
+    given_transforms: dict[str, np.ndarray] | None = None,
 ) -> SessionAnalysis:
     """Measure, score, register and select the lights of a discovered session.
 
@@ -253,6 +255,9 @@ def analyze_session(
         ``--no-cache`` and ``--cache-refresh``.
     progress : callable, optional
         ``progress(stage, done, total)`` after each frame.
+    given_transforms : dict, optional
+        Frame name -> (2, 3) transform onto the reference (``--load-transforms``): star matching is skipped for
+        these frames (the transparency is still measured); frames missing from it are matched as usual.
 
     Returns
     -------
@@ -293,14 +298,17 @@ def analyze_session(
 
     t0 = time.perf_counter()
     ref_entry = measured[ref]
+    given = {name: np.asarray(m, float).tolist() for name, m in (given_transforms or {}).items()}
     reg_settings = {
         "detection": config.detection_settings(),
         "reference": lights[ref].name,
         "reference_identity": file_identity(lights[ref].path),
+        "given_transforms": given,
     }
     transforms_cache = FrameCache(cache_dir / "transforms.json", reg_settings, enabled=use_cache, refresh=refresh_cache)
     tasks = [
-        (i == ref, m.get("stars"), ref_entry["stars"], str(f.path), str(lights[ref].path), f.bayer_pattern)
+        (i == ref, m.get("stars"), ref_entry["stars"], str(f.path), str(lights[ref].path), f.bayer_pattern,
+         given.get(f.name))
         for i, (f, m) in enumerate(zip(lights, measured))
     ]
     registered = _run_cached(transforms_cache, lights, _register_task, tasks, workers, "matching", progress)
@@ -358,7 +366,8 @@ def _run_cached(
     if progress:
         progress(stage, done, len(lights))
     if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), initializer=_worker_init) as pool:
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_pool_context(),
+                                 initializer=_worker_init) as pool:
             for i, value in zip(todo, pool.map(task, [args[i] for i in todo])):
                 results[i] = value
                 done += 1
@@ -373,6 +382,22 @@ def _run_cached(
     for i in todo:
         cache.put(lights[i].path, results[i])
     return results  # type: ignore[return-value]
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """Start workers fresh (forkserver, else spawn), never by forking this process.
+
+    A forked child inherits OpenCV's thread pool in whatever state the parent left it: once the parent has run
+    any multi-threaded OpenCV call (a caller that detected stars before, a test suite), ``cv2.setNumThreads`` in
+    the child waits forever in ``pthread_cond_destroy`` for pool threads that were not copied. The fork server
+    imports this module once, so each pool starts in about 0.1 s instead of re-importing NumPy, OpenCV and
+    astroalign per worker.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
 
 
 def _worker_init() -> None:
@@ -423,12 +448,15 @@ def _stars_to_json(stars: StarList) -> dict[str, list]:
 
 def _register_task(args: tuple) -> dict:
     """Worker: register one frame on the reference and measure its transparency (JSON-ready)."""
-    is_reference, stars, ref_stars, path, ref_path, bayer = args
+    is_reference, stars, ref_stars, path, ref_path, bayer, given = args
     if stars is None:
         return {}
     xy = np.column_stack([stars["x"], stars["y"]]).reshape(-1, 2)
     ref_xy = np.column_stack([ref_stars["x"], ref_stars["y"]]).reshape(-1, 2)
-    if is_reference:
+    if given is not None:
+        matrix = np.array(given, float)
+        reg = Registration(True, matrix, 0, float("nan"), rotation_deg(matrix), "", "loaded", "given")
+    elif is_reference:
         identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
         reg = Registration(True, identity, len(xy), 0.0, 0.0, "", "reference", "identity")
     else:

@@ -6,7 +6,7 @@ only :mod:`dwarf3gpu.cli` turns them into a printed message and an exit code.
 
 from __future__ import annotations
 
-__all__ = ["Dwarf3Error", "FitsReadError", "SessionError", "ConfigError"]
+__all__ = ["Dwarf3Error", "FitsReadError", "SessionError", "ConfigError", "BackendUnavailableError"]
 
 
 class Dwarf3Error(Exception):
@@ -46,3 +46,9 @@ class ConfigError(Dwarf3Error):
     """An option or a combination of options is invalid."""
 
     exit_code = 2
+
+
+class BackendUnavailableError(Dwarf3Error):
+    """The requested compute backend (e.g. ``cuda``) cannot run on this machine."""
+
+    exit_code = 3

@@ -1,0 +1,265 @@
+"""Colour finishing: background-neutral white balance, Bayer-green compensation, SCNR, colour matrices."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from dwarf3gpu.color import (
+    COLOR_MATRIX_PRESETS,
+    ColorCalibration,
+    apply_bayer_compensation,
+    apply_color_calibration,
+    apply_color_matrix,
+    background_neutral_gains,
+    saturation_matrix,
+    scnr_green,
+)
+from dwarf3gpu.errors import ConfigError, Dwarf3Error
+
+#: Raw (un-white-balanced) colour of a sun-like star relative to green, as in dwarf3gpu.simulate.
+RAW_R_OVER_G, RAW_B_OVER_G = 0.62, 0.78
+SKY = (320.0, 500.0, 260.0)
+
+
+def synthetic_sky(
+    height: int = 300,
+    width: int = 400,
+    n_stars: int = 250,
+    sky: tuple[float, float, float] = SKY,
+    noise: float = 8.0,
+    seed: int = 1,
+) -> np.ndarray:
+    """Linear float32 (3, H, W) image: coloured sky + Gaussian noise + Gaussian stars with a green-heavy raw response.
+
+    Star colours follow the simulator's B-V model: ``R/G = 0.62 x 10^(0.24 (B-V - 0.65))``, ``B/G = 0.78 x
+    10^(-0.36 (B-V - 0.65))`` with ``B-V ~ N(0.65, 0.35)``, so the median star has R/G = 0.62 and B/G = 0.78.
+    """
+    rng = np.random.default_rng(seed)
+    img = np.empty((3, height, width), np.float64)
+    img[:] = np.asarray(sky)[:, None, None]
+    bv = np.clip(rng.normal(0.65, 0.35, n_stars), -0.3, 1.8)
+    colours = np.stack(
+        [RAW_R_OVER_G * 10 ** (0.24 * (bv - 0.65)), np.ones(n_stars), RAW_B_OVER_G * 10 ** (-0.36 * (bv - 0.65))]
+    )
+    flux = 10 ** rng.uniform(3.0, 5.3, n_stars)
+    xs = rng.uniform(8, width - 8, n_stars)
+    ys = rng.uniform(8, height - 8, n_stars)
+    sigma = 1.2
+    offsets = np.arange(-7, 8)
+    for k in range(n_stars):
+        x0, y0 = int(xs[k]), int(ys[k])
+        dx = (x0 + offsets - xs[k])[None, :]
+        dy = (y0 + offsets - ys[k])[:, None]
+        psf = np.exp(-(dx**2 + dy**2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
+        img[:, y0 - 7 : y0 + 8, x0 - 7 : x0 + 8] += flux[k] * colours[:, k, None, None] * psf
+    img += rng.normal(0.0, noise, img.shape)
+    return img.astype(np.float32)
+
+
+def true_background_after(cal: ColorCalibration, sky=SKY) -> np.ndarray:
+    """Where the true sky level of each channel lands after the calibration."""
+    return np.asarray(cal.gains) * np.asarray(sky) + np.asarray(cal.offsets)
+
+
+# --- background-neutral white balance -------------------------------------------------------------------------------
+
+
+def test_white_balance_neutralises_cast_and_sky():
+    img = synthetic_sky()
+    cal = background_neutral_gains(img)
+    assert cal.method == "background+white"
+    assert cal.gains[1] == 1.0 and cal.offsets[1] == 0.0
+    np.testing.assert_allclose(cal.background, SKY, rtol=0.01)
+    np.testing.assert_allclose(cal.noise, 8.0, rtol=0.05)
+    # The median star becomes white: gains are the inverse of its raw colour.
+    np.testing.assert_allclose(cal.gains, [1 / RAW_R_OVER_G, 1.0, 1 / RAW_B_OVER_G], rtol=0.03)
+    # The sky is neutral afterwards, at the green level (true sky, not the estimate).
+    after = true_background_after(cal)
+    np.testing.assert_allclose(after, SKY[1], rtol=0.01)
+    # ... and so is the measured background of the calibrated image.
+    calibrated = apply_color_calibration(img, cal)
+    again = background_neutral_gains(calibrated)
+    np.testing.assert_allclose(again.background, again.background[1], rtol=0.01)
+    np.testing.assert_allclose(again.gains, 1.0, rtol=1e-4)
+
+
+def test_white_balance_ignores_nan_and_leaves_input_alone():
+    img = synthetic_sky()
+    img[:, :, :60] = np.nan
+    img[1, 100:120, 200:260] = np.nan
+    before = img.copy()
+    cal = background_neutral_gains(img)
+    assert np.array_equal(img, before, equal_nan=True)
+    assert all(np.isfinite(cal.gains)) and all(np.isfinite(cal.offsets))
+    np.testing.assert_allclose(true_background_after(cal), SKY[1], rtol=0.01)
+    out = apply_color_calibration(img, cal)
+    assert np.array_equal(np.isnan(out), np.isnan(img))
+
+
+def test_white_balance_without_bright_sources_equalises_background_only():
+    rng = np.random.default_rng(3)
+    img = (np.asarray(SKY)[:, None, None] + rng.normal(0, 5.0, (3, 200, 200))).astype(np.float32)
+    cal = background_neutral_gains(img)
+    assert cal.method == "background"
+    assert cal.gains == (1.0, 1.0, 1.0)
+    np.testing.assert_allclose(true_background_after(cal), SKY[1], rtol=0.01)
+
+
+def test_white_balance_excludes_saturated_pixels():
+    img = synthetic_sky()
+    # A block of saturated (clipped, white) pixels would pull the white reference towards grey.
+    img[:, 20:80, 20:80] = 60000.0
+    cal = background_neutral_gains(img, saturation=59000.0)
+    np.testing.assert_allclose(cal.gains, [1 / RAW_R_OVER_G, 1.0, 1 / RAW_B_OVER_G], rtol=0.03)
+
+
+def test_white_balance_needs_data():
+    with pytest.raises(Dwarf3Error, match="pixels with data"):
+        background_neutral_gains(np.full((3, 50, 50), np.nan, np.float32))
+
+
+def test_calibration_json_and_header_round_trip():
+    cal = background_neutral_gains(synthetic_sky())
+    assert ColorCalibration.from_json(json.loads(json.dumps(cal.to_json()))) == cal
+    manual = ColorCalibration.from_json({"gains": [1.5, 1, 1.2], "offsets": [0, 0, 0]})
+    assert manual.method == "manual" and manual.gains == (1.5, 1.0, 1.2)
+    header = fits.Header()
+    for key, value, comment in cal.header_cards():
+        header[key] = (value, comment)
+    assert [header[f"WBGAIN_{c}"] for c in "RGB"] == list(cal.gains)
+    assert [header[f"WBOFFS_{c}"] for c in "RGB"] == list(cal.offsets)
+    assert header["WBMETHOD"] == cal.method
+
+
+def test_apply_color_calibration_formula():
+    rng = np.random.default_rng(0)
+    img = rng.uniform(0, 1000, (3, 20, 30)).astype(np.float32)
+    cal = ColorCalibration(gains=(1.5, 1.0, 0.8), offsets=(-10.0, 0.0, 25.0))
+    out = apply_color_calibration(img, cal)
+    assert out.dtype == np.float32 and out.shape == img.shape
+    expected = np.array(cal.gains)[:, None, None] * img + np.array(cal.offsets)[:, None, None]
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+# --- Bayer-green compensation ----------------------------------------------------------------------------------------
+
+
+def test_bayer_compensation_explicit_gains_are_pure_scaling():
+    img = synthetic_sky() - np.asarray(SKY, np.float32)[:, None, None]
+    img[:, 0, 0] = 0.0
+    before = img.copy()
+    out = apply_bayer_compensation(img, gains=(1.6, 1.0, 1.3))
+    assert np.array_equal(img, before)
+    assert np.array_equal(out[1], img[1])
+    assert np.array_equal(out[:, 0, 0], [0.0, 0.0, 0.0])
+    np.testing.assert_allclose(out[0], 1.6 * img[0], rtol=1e-6)
+    np.testing.assert_allclose(out[2], 1.3 * img[2], rtol=1e-6)
+
+
+def test_bayer_compensation_default_uses_measured_gains():
+    img = synthetic_sky()
+    out = apply_bayer_compensation(img)
+    gains = background_neutral_gains(img).gains
+    np.testing.assert_allclose(out, np.asarray(gains, np.float32)[:, None, None] * img, rtol=1e-6)
+
+
+@pytest.mark.parametrize("gains", [(1.0, 1.0), (1.0, -1.0, 1.0), (1.0, np.nan, 1.0)])
+def test_bayer_compensation_rejects_bad_gains(gains):
+    with pytest.raises(ConfigError):
+        apply_bayer_compensation(np.ones((3, 4, 4), np.float32), gains=gains)
+
+
+# --- SCNR ------------------------------------------------------------------------------------------------------------
+
+
+def test_scnr_average_neutral_formula_exact():
+    rng = np.random.default_rng(1)
+    img = rng.uniform(0, 1, (3, 40, 50)).astype(np.float32)
+    img[:, 0, 0] = np.nan
+    out = scnr_green(img, amount=1.0)
+    expected_g = np.minimum(img[1], (img[0] + img[2]) * np.float32(0.5))
+    assert np.array_equal(out[1], expected_g, equal_nan=True)
+    assert np.array_equal(out[0], img[0], equal_nan=True)
+    assert np.array_equal(out[2], img[2], equal_nan=True)
+    assert np.all(out[1][1:] <= img[1][1:])
+
+
+def test_scnr_amount_blends_and_maximum_neutral():
+    rng = np.random.default_rng(2)
+    img = rng.uniform(0, 1, (3, 30, 30)).astype(np.float32)
+    assert np.array_equal(scnr_green(img, amount=0.0), img)
+    half = scnr_green(img, amount=0.5)
+    full = np.minimum(img[1], (img[0] + img[2]) / 2)
+    np.testing.assert_allclose(half[1], 0.5 * img[1] + 0.5 * full, rtol=1e-6)
+    maxn = scnr_green(img, method="maximum_neutral")
+    assert np.array_equal(maxn[1], np.minimum(img[1], np.maximum(img[0], img[2])))
+
+
+def test_scnr_leaves_grey_and_input_alone():
+    img = np.full((3, 5, 5), 0.3, np.float32)
+    before = img.copy()
+    assert np.array_equal(scnr_green(img), img)
+    assert np.array_equal(img, before)
+
+
+def test_scnr_bias_on_noisy_neutral_background():
+    # min(G, (R + B) / 2) of a neutral pixel with independent N(0, sigma) noise per channel lowers the mean green by
+    # sigma sqrt(3/2) / sqrt(2 pi) = 0.4886 sigma (documented in METHODS.md).
+    rng = np.random.default_rng(6)
+    img = (100.0 + rng.normal(0.0, 10.0, (3, 500, 500))).astype(np.float32)
+    for amount in (1.0, 0.5):
+        shift = scnr_green(img, amount=amount)[1].mean() - img[1].mean()
+        assert shift == pytest.approx(-0.4886 * 10.0 * amount, rel=0.02)
+
+
+@pytest.mark.parametrize("kwargs", [{"amount": 1.5}, {"amount": -0.1}, {"method": "additive_mask"}])
+def test_scnr_rejects_bad_options(kwargs):
+    with pytest.raises(ConfigError):
+        scnr_green(np.ones((3, 2, 2), np.float32), **kwargs)
+
+
+# --- colour matrices -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(COLOR_MATRIX_PRESETS))
+def test_color_matrix_presets_keep_grey_exactly(name):
+    matrix = COLOR_MATRIX_PRESETS[name]
+    np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-12)
+    rng = np.random.default_rng(4)
+    level = rng.uniform(-50, 60000, (1, 30, 40)).astype(np.float32)
+    grey = np.repeat(level, 3, axis=0)
+    out = apply_color_matrix(grey, name)
+    assert np.array_equal(out, grey)
+
+
+def test_color_matrix_matches_matrix_product():
+    rng = np.random.default_rng(5)
+    matrix = rng.uniform(-0.3, 0.6, (3, 3))
+    matrix[np.diag_indices(3)] = 0.0
+    matrix[np.diag_indices(3)] = 1.0 - matrix.sum(axis=1)
+    img = rng.uniform(0, 1, (3, 10, 12)).astype(np.float32)
+    img[:, 0, 0] = np.nan
+    out = apply_color_matrix(img, matrix)
+    expected = np.einsum("ij,jhw->ihw", matrix, img.astype(np.float64))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    assert np.all(np.isnan(out[:, 0, 0]))
+    grey = np.full((3, 4, 4), 0.37, np.float32)
+    assert np.array_equal(apply_color_matrix(grey, matrix), grey)
+
+
+def test_saturation_matrix_scales_colour_differences():
+    assert np.array_equal(saturation_matrix(1.0), np.eye(3))
+    pixel = np.array([0.6, 0.3, 0.15], np.float32).reshape(3, 1, 1)
+    out = apply_color_matrix(pixel, saturation_matrix(1.5)).ravel()
+    mean = pixel.mean()
+    np.testing.assert_allclose(out - mean, 1.5 * (pixel.ravel() - mean), rtol=1e-6)
+
+
+@pytest.mark.parametrize("matrix", ["vivid", np.eye(2), np.full((3, 3), 0.5), [[1, 0, 0], [0, np.inf, 0], [0, 0, 1]]])
+def test_color_matrix_rejects_bad_input(matrix):
+    with pytest.raises(ConfigError):
+        apply_color_matrix(np.ones((3, 2, 2), np.float32), matrix)
