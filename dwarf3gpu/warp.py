@@ -1,0 +1,490 @@
+"""Resampling of frames onto the reference grid: affine warps, even-pixel shifts, Bayer-plane warps.
+
+CPU reference implementations of per-pixel stages that the CUDA backend ports one thread per
+output element (see METHODS.md, "Warp"). Every output pixel is a fixed function of its
+ABSOLUTE position in the reference grid: its source coordinate is computed in float64 from
+the inverse of the frame -> reference affine ``A`` (the project convention,
+:mod:`dwarf3gpu.register`), so results do not depend on how the output is cut into tiles or
+the source into bands. Sample values are float32.
+
+- :func:`warp_affine`: bilinear or bicubic (Keys, a = -0.5) resampling of a frame, a band of
+  one, or its channels, into an output tile, with a validity mask and a feather weight.
+- :func:`source_window`: the source band an output tile needs.
+- :func:`shift_integer`: the exact even-pixel shift of the Bayer-safe mode.
+- :func:`warp_bayer_planes`: a mosaic warped as its four half-resolution Bayer planes and
+  re-interleaved, keeping the pattern's phase at the output's absolute position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .debayer import bayer_offsets
+from .register import invert_transform
+
+__all__ = [
+    "warp_affine",
+    "source_window",
+    "window_margin",
+    "shift_integer",
+    "plane_transform",
+    "warp_bayer_planes",
+    "WARP_METHODS",
+]
+
+WARP_METHODS = ("bilinear", "bicubic")
+"""Interpolation methods of :func:`warp_affine` and :func:`warp_bayer_planes`."""
+
+KEYS_A = -0.5
+"""Keys cubic convolution parameter of the bicubic kernel (-0.5: third-order accurate)."""
+
+_TAPS = {"bilinear": (0, 1), "bicubic": (-1, 0, 1, 2)}
+"""Tap offsets from ``floor(coordinate)`` along each axis."""
+
+_CHUNK_PIXELS = 1 << 15
+"""Output pixels per processing chunk (whole rows), to keep temporaries in cache."""
+
+
+def _check_method(method: str) -> tuple[int, ...]:
+    """Return the tap offsets of ``method`` or raise ValueError."""
+    if method not in _TAPS:
+        raise ValueError(f"unknown warp method {method!r}: expected one of {', '.join(WARP_METHODS)}")
+    return _TAPS[method]
+
+
+def _weights(t: np.ndarray, method: str) -> list[np.ndarray | None]:
+    """Interpolation weights (float32) of the taps for fractional offsets ``t`` in [0, 1].
+
+    Bilinear: ``(1 - t, t)``. Bicubic: Keys' kernel ``W`` at the tap distances
+    ``(1 + t, t, 1 - t, 2 - t)`` with ``W(d) = (a + 2)|d|^3 - (a + 3)|d|^2 + 1`` for
+    ``|d| <= 1`` and ``a|d|^3 - 5a|d|^2 + 8a|d| - 4a`` for ``1 < |d| < 2``; at ``t = 0`` the
+    other taps' weights are exactly zero. The entry of the tap at ``floor`` is None: its
+    weight is implicit in :func:`_interpolate`.
+    """
+    if method == "bilinear":
+        return [None, t.astype(np.float32)]
+    a = KEYS_A
+    w_far = [((a * d - 5.0 * a) * d + 8.0 * a) * d - 4.0 * a for d in (1.0 + t, 2.0 - t)]
+    d = 1.0 - t
+    w_near = ((a + 2.0) * d - (a + 3.0)) * d * d + 1.0
+    return [w_far[0].astype(np.float32), None, w_near.astype(np.float32), w_far[1].astype(np.float32)]
+
+
+def _interpolate(
+    flat: np.ndarray,
+    index: list[list[np.ndarray]],
+    wy: list[np.ndarray | None],
+    wx: list[np.ndarray | None],
+    centre: int,
+) -> np.ndarray:
+    """Separable interpolation of one channel, written relative to the tap at ``floor``.
+
+    ``index[k][m]`` is the flat index of tap row k, tap column m. Along each axis
+    ``v = v_c + sum_{m != c} w_m (v_m - v_c)`` (m in tap order), with ``v_c`` the value at the
+    ``floor`` tap: that is ``sum_m w_m v_m`` with ``w_c = 1 - sum_{m != c} w_m``, but exact for
+    a uniform image and at integer coordinates (all differences or all other weights are
+    zero), which the float32 sum of products is not. Along x first, then along y.
+    """
+    lines = []
+    for row in index:
+        at_centre = np.take(flat, row[centre])
+        line = at_centre.copy()
+        for m, taps in enumerate(row):
+            if m != centre:
+                term = np.take(flat, taps)
+                term -= at_centre
+                term *= wx[m]
+                line += term
+        lines.append(line)
+    out = lines[centre].copy()
+    for k, line in enumerate(lines):
+        if k != centre:
+            line -= lines[centre]
+            line *= wy[k]
+            out += line
+    return out
+
+
+def _frame_size(data_shape: tuple[int, int], src_origin: tuple[int, int], src_size) -> tuple[int, int]:
+    """Full source frame size; check that the band lies inside it."""
+    if src_size is None:
+        if src_origin != (0, 0):
+            raise ValueError("src_size (the full frame's height, width) is needed when src_origin is not (0, 0)")
+        return data_shape
+    height, width = int(src_size[0]), int(src_size[1])
+    r0, c0 = src_origin
+    if r0 < 0 or c0 < 0 or r0 + data_shape[0] > height or c0 + data_shape[1] > width:
+        raise ValueError(
+            f"source band of shape {data_shape} at (row, col) {src_origin} does not fit in a frame of "
+            f"{height} x {width}"
+        )
+    return height, width
+
+
+def _check_band(
+    coords: np.ndarray, ok: np.ndarray, taps: tuple[int, ...], start: int, length: int, size: int, axis: str
+) -> None:
+    """Raise ValueError unless the band ``[start, start + length)`` holds every tap needed."""
+    low = max(math.floor(float(np.min(coords, where=ok, initial=np.inf))) + taps[0], 0)
+    high = min(math.floor(float(np.max(coords, where=ok, initial=-np.inf))) + taps[-1], size - 1)
+    if low < start or high > start + length - 1:
+        raise ValueError(
+            f"source band {axis} [{start}, {start + length}) lacks the taps [{low}, {high + 1}) needed by the "
+            "output tile; cut it with source_window()"
+        )
+
+
+def warp_affine(
+    image: np.ndarray,
+    A: np.ndarray,
+    out_shape: tuple[int, int],
+    *,
+    out_origin: tuple[int, int] = (0, 0),
+    src_origin: tuple[int, int] = (0, 0),
+    method: str = "bilinear",
+    feather_px: float = 0.0,
+    src_size: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resample a frame (or a band of it) into a tile of the reference grid.
+
+    Output pixel ``(i, j)`` of the tile is reference pixel ``(X, Y) = (out_origin[1] + j,
+    out_origin[0] + i)``; its source coordinate is, in float64 with ``B = A^-1``,
+    ``xs = B00 X + (B01 Y + B02)``, ``ys = B10 X + (B11 Y + B12)`` (full-frame source pixels),
+    so the result depends only on the absolute position, never on the tiling. The image is
+    sampled at ``(xs - src_origin[1], ys - src_origin[0])``: bilinear (2 x 2 taps) or bicubic
+    (Keys, a = -0.5, 4 x 4 taps), in float32, exact at integer coordinates and on uniform
+    images.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        (H, W) or (C, H, W) source, float32 (other dtypes are converted); the whole frame or a
+        band of it.
+    A : numpy.ndarray
+        (2, 3) affine, full-frame source pixel -> reference pixel.
+    out_shape : tuple of int
+        (rows, cols) of the output tile.
+    out_origin : tuple of int, optional
+        (row, col) of the tile's top-left pixel in the reference grid.
+    src_origin : tuple of int, optional
+        (row, col) of ``image``'s top-left pixel in the full source frame.
+    method : {'bilinear', 'bicubic'}, optional
+        Interpolation.
+    feather_px : float, optional
+        Width of the edge taper of ``weight`` in source pixels; 0 for none.
+    src_size : tuple of int, optional
+        (height, width) of the full source frame; None when ``image`` is the whole frame.
+
+    Returns
+    -------
+    warped : numpy.ndarray
+        float32, (rows, cols) or (C, rows, cols); 0 where not valid.
+    valid : numpy.ndarray
+        bool (rows, cols): every tap with a non-zero weight lies inside the source frame,
+        i.e. ``0 <= xs <= W - 1`` (bilinear) or ``1 <= xs <= W - 2`` (bicubic), and the
+        same for ``ys``.
+    weight : numpy.ndarray
+        float32 (rows, cols): ``clip(d / feather_px, 0, 1)`` with ``d = min(xs + 0.5,
+        W - 0.5 - xs, ys + 0.5, H - 0.5 - ys)`` the distance to the frame edge in source
+        pixels; 1 when ``feather_px`` is 0; 0 where not valid.
+
+    Raises
+    ------
+    ValueError
+        If the method is unknown, ``feather_px`` is negative, the image is not 2-D or 3-D,
+        the band does not fit in the frame, or the band lacks taps that a valid output pixel
+        needs (cut bands with :func:`source_window`).
+    """
+    taps = _check_method(method)
+    if not feather_px >= 0.0:
+        raise ValueError(f"feather_px must be >= 0, got {feather_px}")
+    data = np.asarray(image).astype(np.float32, copy=False)
+    if data.ndim not in (2, 3):
+        raise ValueError(f"expected an (H, W) or (C, H, W) image, got shape {data.shape}")
+    planes = data if data.ndim == 3 else data[None]
+    src_origin = (int(src_origin[0]), int(src_origin[1]))
+    n_ch, band_h, band_w = planes.shape
+    height, width = _frame_size((band_h, band_w), src_origin, src_size)
+    rows_out, cols_out = int(out_shape[0]), int(out_shape[1])
+    B = invert_transform(A)
+    flat = np.ascontiguousarray(planes).reshape(n_ch, -1)
+    centre = taps.index(0)
+    low, high_x, high_y = -taps[0], width - taps[-1], height - taps[-1]
+
+    warped = np.zeros((n_ch, rows_out, cols_out), np.float32)
+    valid = np.zeros((rows_out, cols_out), bool)
+    weight = np.zeros((rows_out, cols_out), np.float32)
+    cols_abs = np.arange(cols_out, dtype=np.float64) + int(out_origin[1])
+    x_of_col, y_of_col = B[0, 0] * cols_abs, B[1, 0] * cols_abs
+    step = max(1, _CHUNK_PIXELS // max(cols_out, 1))
+    for first in range(0, rows_out, step):
+        last = min(first + step, rows_out)
+        rows_abs = np.arange(first, last, dtype=np.float64) + int(out_origin[0])
+        xs = x_of_col[None, :] + (B[0, 1] * rows_abs + B[0, 2])[:, None]
+        ys = y_of_col[None, :] + (B[1, 1] * rows_abs + B[1, 2])[:, None]
+        ok = (xs >= low) & (xs <= high_x) & (ys >= low) & (ys <= high_y)
+        if not ok.any():
+            continue
+        _check_band(xs, ok, taps, src_origin[1], band_w, width, "columns")
+        _check_band(ys, ok, taps, src_origin[0], band_h, height, "rows")
+        fx, fy = np.floor(xs), np.floor(ys)
+        wx, wy = _weights(xs - fx, method), _weights(ys - fy, method)
+        ix = fx.astype(np.intp) - src_origin[1]
+        iy = fy.astype(np.intp) - src_origin[0]
+        col_index = [np.clip(ix + t, 0, band_w - 1) for t in taps]
+        index = [[np.clip(iy + t, 0, band_h - 1) * band_w + cols for cols in col_index] for t in taps]
+        for channel in range(n_ch):
+            values = _interpolate(flat[channel], index, wy, wx, centre)
+            np.copyto(warped[channel, first:last], values, where=ok)
+        valid[first:last] = ok
+        if feather_px > 0.0:
+            edge = np.minimum(np.minimum(xs + 0.5, (width - 0.5) - xs), np.minimum(ys + 0.5, (height - 0.5) - ys))
+            taper = np.clip(edge / feather_px, 0.0, 1.0).astype(np.float32)
+            np.copyto(weight[first:last], taper, where=ok)
+        else:
+            weight[first:last] = ok
+    return (warped if data.ndim == 3 else warped[0]), valid, weight
+
+
+def window_margin(method: str, bayer_planes: bool = False) -> int:
+    """Margin for :func:`source_window` that covers every tap of a warp.
+
+    Parameters
+    ----------
+    method : {'bilinear', 'bicubic'}
+        Interpolation of the warp.
+    bayer_planes : bool, optional
+        True for :func:`warp_bayer_planes`, whose taps are two full-resolution pixels apart.
+
+    Returns
+    -------
+    int
+        0 (bilinear) or 1 (bicubic) for :func:`warp_affine`; 3 or 5 for the Bayer planes
+        (``2 (taps - 1)`` from the plane spacing, plus 1 for the rounding of the plane
+        coordinates).
+
+    Raises
+    ------
+    ValueError
+        If the method is unknown.
+    """
+    taps = _check_method(method)
+    reach = max(-taps[0], taps[-1] - 1)
+    return 2 * reach + 3 if bayer_planes else reach
+
+
+def source_window(
+    A: np.ndarray,
+    out_shape: tuple[int, int],
+    out_origin: tuple[int, int],
+    src_size: tuple[int, int],
+    margin: int,
+) -> tuple[int, int, int, int]:
+    """Return the source band an output tile needs.
+
+    The four corner pixels of the tile are mapped to the source with the same float64
+    arithmetic as :func:`warp_affine` (each coordinate is monotonic in X and Y, so the corners
+    bound every pixel exactly); the band spans ``floor(min) - margin`` to ``floor(max) + 1 +
+    margin`` in each axis (margin 0 covers the bilinear taps, see :func:`window_margin`),
+    clipped to the frame, with ``row0`` and ``col0`` rounded down to even so that a band of a
+    mosaic keeps the Bayer phase.
+
+    Parameters
+    ----------
+    A : numpy.ndarray
+        (2, 3) affine, source pixel -> reference pixel.
+    out_shape : tuple of int
+        (rows, cols) of the output tile (at least 1 x 1).
+    out_origin : tuple of int
+        (row, col) of the tile's top-left pixel in the reference grid.
+    src_size : tuple of int
+        (height, width) of the full source frame.
+    margin : int
+        Extra source pixels on each side.
+
+    Returns
+    -------
+    (int, int, int, int)
+        ``(row0, row1, col0, col1)``, half-open: the band is ``frame[row0:row1, col0:col1]``
+        (empty when the tile maps outside the frame).
+    """
+    B = invert_transform(A)
+    rows = np.array([out_origin[0], out_origin[0] + out_shape[0] - 1], dtype=np.float64)
+    cols = np.array([out_origin[1], out_origin[1] + out_shape[1] - 1], dtype=np.float64)
+    xs = (B[0, 0] * cols)[None, :] + (B[0, 1] * rows + B[0, 2])[:, None]
+    ys = (B[1, 0] * cols)[None, :] + (B[1, 1] * rows + B[1, 2])[:, None]
+
+    def span(coords: np.ndarray, size: int) -> tuple[int, int]:
+        start = min(max(math.floor(float(coords.min())) - margin, 0), size)
+        stop = min(max(math.floor(float(coords.max())) + 2 + margin, 0), size)
+        start -= start % 2
+        return start, max(stop, start)
+
+    row0, row1 = span(ys, int(src_size[0]))
+    col0, col1 = span(xs, int(src_size[1]))
+    return row0, row1, col0, col1
+
+
+def shift_integer(
+    image: np.ndarray, dx: int, dy: int, out_shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shift a frame by whole pixels: ``shifted[y + dy, x + dx] = image[y, x]``.
+
+    The convention of :func:`dwarf3gpu.register.even_pixel_shift`; with even ``dx``, ``dy``
+    every CFA site of a mosaic lands on a site of the same colour (the Bayer-safe mode). No
+    value is changed.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        (H, W) or (C, H, W) frame, any dtype.
+    dx, dy : int
+        Shift in columns and rows.
+    out_shape : tuple of int
+        (rows, cols) of the output (the reference grid from pixel (0, 0)).
+
+    Returns
+    -------
+    shifted : numpy.ndarray
+        Same dtype as ``image``, (rows, cols) or (C, rows, cols); 0 where no frame pixel lands.
+    valid : numpy.ndarray
+        bool (rows, cols), True where a frame pixel landed.
+
+    Raises
+    ------
+    ValueError
+        If the image is not 2-D or 3-D.
+    TypeError
+        If ``dx`` or ``dy`` is not an integer.
+    """
+    data = np.asarray(image)
+    if data.ndim not in (2, 3):
+        raise ValueError(f"expected an (H, W) or (C, H, W) image, got shape {data.shape}")
+    dx, dy = int(np.asarray(dx).__index__()), int(np.asarray(dy).__index__())
+    rows_out, cols_out = int(out_shape[0]), int(out_shape[1])
+    height, width = data.shape[-2:]
+    shifted = np.zeros(data.shape[:-2] + (rows_out, cols_out), data.dtype)
+    valid = np.zeros((rows_out, cols_out), bool)
+    y0, y1 = max(0, -dy), min(height, rows_out - dy)
+    x0, x1 = max(0, -dx), min(width, cols_out - dx)
+    if y1 > y0 and x1 > x0:
+        shifted[..., y0 + dy : y1 + dy, x0 + dx : x1 + dx] = data[..., y0:y1, x0:x1]
+        valid[y0 + dy : y1 + dy, x0 + dx : x1 + dx] = True
+    return shifted, valid
+
+
+def plane_transform(A: np.ndarray, site: tuple[int, int]) -> np.ndarray:
+    """Express a full-resolution affine between the Bayer planes of one site.
+
+    The plane of site ``(r, c)`` holds the mosaic pixels ``[r::2, c::2]``: plane pixel
+    ``p = (j, i)`` is the full-resolution point ``S(p) = 2 p + (c, r)``. The plane's affine is
+    ``S^-1 o A o S``: the same linear part and the translation
+    ``(A[:, :2] @ (c, r) + A[:, 2] - (c, r)) / 2``.
+
+    Parameters
+    ----------
+    A : numpy.ndarray
+        (2, 3) affine, full-resolution frame pixel -> reference pixel.
+    site : tuple of int
+        (row, col) of the site in the 2x2 cell, each 0 or 1.
+
+    Returns
+    -------
+    numpy.ndarray
+        (2, 3) float64 affine, frame plane pixel -> reference plane pixel of the same site.
+    """
+    A = np.asarray(A, dtype=np.float64)
+    offset = np.array([site[1], site[0]], dtype=np.float64)
+    return np.hstack([A[:, :2], ((A[:, :2] @ offset + A[:, 2] - offset) / 2.0)[:, None]])
+
+
+def warp_bayer_planes(
+    mosaic: np.ndarray,
+    pattern: str,
+    A: np.ndarray,
+    out_shape: tuple[int, int],
+    *,
+    out_origin: tuple[int, int] = (0, 0),
+    src_origin: tuple[int, int] = (0, 0),
+    src_size: tuple[int, int] | None = None,
+    method: str = "bilinear",
+    feather_px: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Warp a raw mosaic as its four Bayer planes and re-interleave them into a mosaic.
+
+    Each site ``(r, c)`` of the 2x2 cell (R, the two G, B) forms a half-resolution plane; it
+    is warped with :func:`warp_affine` using :func:`plane_transform` and fills the output
+    pixels whose ABSOLUTE reference position has parity ``(r, c)``. The output is therefore
+    a mosaic with the same pattern phase as the frame, every value interpolated only from
+    samples of its own colour (and of its own green lattice).
+
+    Parameters
+    ----------
+    mosaic : numpy.ndarray
+        (H, W) raw frame or band of one (uint16 or float).
+    pattern : {'RGGB', 'GRBG', 'GBRG', 'BGGR'}
+        Bayer pattern of the frame (and of the output mosaic).
+    A : numpy.ndarray
+        (2, 3) affine, full-resolution frame pixel -> reference pixel.
+    out_shape : tuple of int
+        (rows, cols) of the output tile, full resolution.
+    out_origin : tuple of int, optional
+        (row, col) of the tile in the reference grid.
+    src_origin : tuple of int, optional
+        (row, col) of ``mosaic[0, 0]`` in the frame (any parity).
+    src_size : tuple of int, optional
+        (height, width) of the full frame; None when ``mosaic`` is the whole frame.
+    method : {'bilinear', 'bicubic'}, optional
+        Interpolation within each plane.
+    feather_px : float, optional
+        Edge taper in full-resolution pixels (applied as ``feather_px / 2`` plane pixels,
+        the distance to each plane's own frame edge).
+
+    Returns
+    -------
+    warped_mosaic : numpy.ndarray
+        float32 (rows, cols); 0 where not valid.
+    valid : numpy.ndarray
+        bool (rows, cols), from each pixel's own plane (see :func:`warp_affine`).
+    weight : numpy.ndarray
+        float32 (rows, cols) feather weight, 0 where not valid.
+
+    Raises
+    ------
+    ValueError
+        If the pattern or method is unknown, the mosaic is not 2-D, or the band lacks taps
+        (cut it with :func:`source_window` and ``window_margin(method, bayer_planes=True)``).
+    """
+    data = np.asarray(mosaic).astype(np.float32, copy=False)
+    if data.ndim != 2:
+        raise ValueError(f"expected a 2-D raw mosaic, got shape {data.shape}")
+    offsets = bayer_offsets(pattern)
+    src_origin = (int(src_origin[0]), int(src_origin[1]))
+    out_origin = (int(out_origin[0]), int(out_origin[1]))
+    height, width = _frame_size(data.shape, src_origin, src_size)
+    rows_out, cols_out = int(out_shape[0]), int(out_shape[1])
+    warped = np.zeros((rows_out, cols_out), np.float32)
+    valid = np.zeros((rows_out, cols_out), bool)
+    weight = np.zeros((rows_out, cols_out), np.float32)
+    for site in offsets["R"] + offsets["G"] + offsets["B"]:
+        r, c = site
+        in_r, in_c = (r - src_origin[0]) % 2, (c - src_origin[1]) % 2
+        out_r, out_c = (r - out_origin[0]) % 2, (c - out_origin[1]) % 2
+        plane_out = (len(range(out_r, rows_out, 2)), len(range(out_c, cols_out, 2)))
+        if plane_out[0] == 0 or plane_out[1] == 0:
+            continue
+        result = warp_affine(
+            data[in_r::2, in_c::2],
+            plane_transform(A, site),
+            plane_out,
+            out_origin=((out_origin[0] + out_r - r) // 2, (out_origin[1] + out_c - c) // 2),
+            src_origin=((src_origin[0] + in_r - r) // 2, (src_origin[1] + in_c - c) // 2),
+            method=method,
+            feather_px=feather_px / 2.0,
+            src_size=((height - r + 1) // 2, (width - c + 1) // 2),
+        )
+        for target, plane in zip((warped, valid, weight), result):
+            target[out_r::2, out_c::2] = plane
+    return warped, valid, weight
