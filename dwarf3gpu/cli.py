@@ -28,8 +28,9 @@ app = typer.Typer(
     name="dwarf3",
     help=(
         "Stack DWARF 3 (and other one-shot-colour smart-telescope) raw FITS sessions.\n\n"
-        "Start with [bold]dwarf3 simulate OUT[/] to make a realistic test session, then "
-        "[bold]dwarf3 frames SESSION[/] to see which files are light frames."
+        "Try [bold]dwarf3 demo[/] (simulate a session and stack it). On your data: "
+        "[bold]dwarf3 frames SESSION[/] lists the light frames, [bold]dwarf3 frames SESSION --scored[/] explains "
+        "the selection, [bold]dwarf3 stack SESSION[/] makes the master."
     ),
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode="rich",
@@ -75,8 +76,8 @@ def _root(
     """Stack DWARF 3 raw FITS sessions."""
 
 
-def progress_bar() -> Progress:
-    """A Rich progress bar on stderr (so ``--json`` output on stdout stays clean)."""
+def progress_bar(*, disable: bool = False) -> Progress:
+    """A Rich progress bar on stderr (so ``--json`` output on stdout stays clean); ``disable`` hides it."""
     return Progress(
         TextColumn("[bold blue]{task.description}"),
         BarColumn(),
@@ -85,6 +86,7 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=err_console,
         transient=True,
+        disable=disable,
     )
 
 
@@ -315,3 +317,256 @@ def _print_session(result, *, lights_table: bool = True) -> None:
 def main() -> None:
     """Console-script entry point (``dwarf3``)."""
     app()
+
+
+def _expand_sessions(paths: list[Path]) -> list[Path]:
+    """Expand glob patterns the shell left alone (e.g. quoted, or on Windows); keep plain paths as given."""
+    import glob
+
+    out: list[Path] = []
+    for p in paths:
+        text = str(p)
+        if not p.exists() and any(ch in text for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(text) if Path(m).is_dir())
+            if not matches:
+                raise ConfigError(f"no session folder matches {text!r}")
+            out.extend(matches)
+        else:
+            out.append(p)
+    return out
+
+
+def _stage_progress(bar: Progress):
+    """A ``progress(stage, done, total)`` callback drawing one bar per stage."""
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    return report
+
+
+@command(
+    epilog=(
+        "Examples:\n\n"
+        "  dwarf3 stack 'Astronomy/DWARF_RAW_TELE_M 31_EXP_15_GAIN_60_2025-10-18-04-51-22-420'\n\n"
+        "  dwarf3 stack Astronomy/DWARF_RAW_TELE_* --out results      # several sessions\n\n"
+        "  dwarf3 stack SESSION --debayer bayer-first --sigma 2.5 --keep 0.8\n\n"
+        "  dwarf3 stack SESSION --dry-run                 # score, select and report only\n\n"
+        "  dwarf3 frames SESSION --scored --save keep.txt && dwarf3 stack SESSION --frame-list keep.txt\n\n"
+        "Outputs: OUT/<session>/stacked/master_linear.fits (float32, linear), coverage.fits, rejected.fits, "
+        "master_quicklook.png/.tif, run_manifest.json, report.json, report.md. Exit code 0 when every "
+        "session produced a master (or --dry-run succeeded), 1 otherwise, 2 for usage errors, 3 when "
+        "--backend cuda cannot run."
+    )
+)
+def stack(
+    sessions: Annotated[list[Path], typer.Argument(help="One or more session folders (or a glob).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output root: results go to OUT/<session>/.")] = Path("processedData"),
+    keep: Annotated[float, typer.Option(help="Fraction of the frames to keep, best scores first.")] = 0.92,
+    score: Annotated[str, typer.Option(help="Frame score: 'weighted' (SNR-based) or 'classic'.")] = "weighted",
+    sigma: Annotated[float, typer.Option(help="Sigma-clipping threshold (both sides).")] = 3.0,
+    sigma_lower: Annotated[Optional[float], typer.Option(help="Lower threshold (default: --sigma).")] = None,
+    sigma_upper: Annotated[Optional[float], typer.Option(help="Upper threshold (default: --sigma).")] = None,
+    maxiters: Annotated[int, typer.Option(help="Maximum clipping iterations.")] = 5,
+    cenfunc: Annotated[str, typer.Option(help="Clipping centre: 'median' or 'mean'.")] = "median",
+    stdfunc: Annotated[str, typer.Option(help="Clipping spread: 'mad_std' (robust: rejects outliers even among few frames) or 'std'.")] = "mad_std",
+    reference: Annotated[str, typer.Option(help="Reference frame: 'best' or 'first'.")] = "best",
+    debayer: Annotated[str, typer.Option(help="'rgb' (debayer each frame, then warp: strong rotation), 'bayer-first', 'superpixel' (half size) or 'none' (CFA master).")] = "rgb",
+    align_mode: Annotated[str, typer.Option(help="'auto', 'integer' (even-pixel shifts) or 'rgb_affine'.")] = "auto",
+    interpolation: Annotated[str, typer.Option(help="Warp kernel: 'bilinear' or 'bicubic' (sharper).")] = "bilinear",
+    normalisation: Annotated[str, typer.Option(help="Frame normalisation before rejection: 'additive', 'multiplicative' or 'none'.")] = "additive",
+    weights: Annotated[str, typer.Option(help="Frame weights: 'none' or 'noise' (inverse variance).")] = "none",
+    feather: Annotated[float, typer.Option(help="Feather frame edges over this many pixels (0: off).")] = 0.0,
+    crop: Annotated[bool, typer.Option("--crop", help="Crop the master to the area every kept frame covers.")] = False,
+    memory_budget: Annotated[Optional[str], typer.Option(help="Memory for the stacking tiles, e.g. 4G or 800M (default: half the available RAM).")] = None,
+    max_fwhm: Annotated[Optional[float], typer.Option(help="Reject frames whose median FWHM (px) is above this.")] = None,
+    min_stars: Annotated[int, typer.Option(help="Reject frames with fewer detected stars.")] = 8,
+    max_eccentricity: Annotated[Optional[float], typer.Option(help="Reject frames with more elongated stars.")] = None,
+    min_transparency: Annotated[Optional[float], typer.Option(help="Reject frames whose star flux relative to the reference is below this.")] = None,
+    max_background: Annotated[Optional[float], typer.Option(help="Reject frames whose sky exceeds this multiple of the median.")] = None,
+    include_failed: Annotated[bool, typer.Option("--include-failed", help="Also use the device's failed_ frames.")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="Parallel workers (default: all cores); the result does not depend on it.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Measure, select, register and write the report; no stacking.")] = False,
+    no_quicklook: Annotated[bool, typer.Option("--no-quicklook", help="Do not write the PNG/TIFF previews.")] = False,
+    stretch: Annotated[str, typer.Option(help="Preview stretch: 'two_stage' or 'asinh'.")] = "two_stage",
+    scnr: Annotated[float, typer.Option(help="Preview SCNR green removal, 0..1 (0: off).")] = 0.0,
+    color_matrix: Annotated[str, typer.Option(help="Preview colour-matrix preset.")] = "identity",
+    use_gpu: Annotated[bool, typer.Option("--use-gpu", help="Use the NVIDIA GPU (falls back to the CPU with a reason when it cannot).")] = False,
+    backend: Annotated[str, typer.Option(help="Compute backend: 'auto', 'cpu' or 'cuda'.")] = "auto",
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write caches.")] = False,
+    cache_refresh: Annotated[bool, typer.Option("--cache-refresh", help="Recompute everything and overwrite the caches.")] = False,
+    frame_list: Annotated[Optional[Path], typer.Option(help="Stack only the frames named in this file (one per line; see frames --save).")] = None,
+    save_transforms: Annotated[Optional[Path], typer.Option(help="Write the frame transforms to this JSON file.")] = None,
+    load_transforms: Annotated[Optional[Path], typer.Option(help="Use the transforms in this JSON file instead of matching stars.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print the per-frame table.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the output paths.")] = False,
+) -> None:
+    """Stack one or more sessions into a linear master, previews, a manifest and a report."""
+    from .config import StackConfig
+    from .pipeline import stack_session
+    from .stack import parse_memory
+
+    if use_gpu:
+        from .backends import cuda_unavailable_reason
+
+        backend = "cuda" if backend == "auto" else backend
+        reason = cuda_unavailable_reason()
+        if reason:
+            err_console.print(f"[yellow]--use-gpu:[/] {reason}; processing on the CPU.")
+            backend = "cpu"
+    config = StackConfig(
+        keep=keep, score=score, reference=reference, align_mode=align_mode, max_fwhm=max_fwhm, min_stars=min_stars,
+        max_eccentricity=max_eccentricity, min_transparency=min_transparency, max_background=max_background,
+        debayer=debayer, interpolation=interpolation, sigma=sigma, sigma_lower=sigma_lower, sigma_upper=sigma_upper,
+        maxiters=maxiters, cenfunc=cenfunc, stdfunc=stdfunc, normalisation=normalisation, weights=weights,
+        feather_px=feather, crop=crop, memory_budget=parse_memory(memory_budget) if memory_budget else None,
+        include_failed=include_failed, quicklook=not no_quicklook, stretch=stretch, scnr=scnr,
+        color_matrix=color_matrix, backend=backend,
+    )
+    names = None
+    if frame_list is not None:
+        try:
+            names = frame_list.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --frame-list {frame_list}: {exc.strerror}") from None
+    results, failures = [], []
+    for path in _expand_sessions(sessions):
+        try:
+            with progress_bar(disable=quiet) as bar:
+                result = stack_session(
+                    path, out, config, workers=workers, use_cache=not no_cache, refresh_cache=cache_refresh,
+                    frame_list=names, load_transforms=load_transforms, save_transforms=save_transforms,
+                    dry_run=dry_run, progress=None if quiet else _stage_progress(bar),
+                )
+        except Dwarf3Error as exc:
+            if len(sessions) == 1 and not any(ch in str(sessions[0]) for ch in "*?["):
+                raise
+            err_console.print(f"[bold red]error:[/] {path.name}: {exc}")
+            failures.append(path)
+            continue
+        results.append((path, result))
+        if verbose:
+            _print_analysis(result.analysis)
+    if results and not quiet:
+        _print_stack_summary(results, dry_run)
+    for path, result in results:
+        target = result.outputs.get("master_linear") or result.outputs.get("report_md")
+        console.print(f"{'report' if dry_run else 'master'}: {target}")
+    if failures or not results:
+        raise typer.Exit(1)
+
+
+def _print_stack_summary(results, dry_run: bool) -> None:
+    """One row per session: frames, rotation, FWHM, SNR proxy, time, where the outputs are."""
+    table = Table(title="dry run (no stacking)" if dry_run else "stacked", title_justify="left")
+    for col in ("session", "kept", "rotation deg", "FWHM px", "snr_proxy", "seconds", "output folder"):
+        table.add_column(col, justify="left" if col in ("session", "output folder") else "right")
+    for path, r in results:
+        s = r.stats
+        table.add_row(
+            path.name, f"{s['frames_kept']}/{s['frames_total']}", _fmt(s["rotation_range_deg"], ".2f"),
+            _fmt(s["fwhm_median_px"], ".2f"), _fmt(s.get("snr_proxy"), ".1f"), f"{s['timings_s']['total']:.1f}",
+            str(r.outputs["report_md"].parent),
+        )
+    console.print(table)
+
+
+@command(
+    epilog=(
+        "Examples:\n\n"
+        "  dwarf3 demo                 # simulate into ./dwarf3-demo and stack it\n\n"
+        "  dwarf3 demo /tmp/demo --frames 10"
+    )
+)
+def demo(
+    folder: Annotated[Path, typer.Argument(help="Where to put the simulated session and the results.")] = Path("dwarf3-demo"),
+    frames_count: Annotated[int, typer.Option("--frames", "-n", help="Light frames to simulate.")] = 16,
+    size: Annotated[str, typer.Option(help="Frame size WIDTHxHEIGHT (the DWARF 3 tele camera is 3856x2180).")] = "1928x1090",
+    workers: Annotated[Optional[int], typer.Option(help="Parallel workers (default: all cores).")] = None,
+) -> None:
+    """Simulate a DWARF 3 alt-az session (with clouds, trails, hot pixels) and stack it: the whole job in about a minute."""
+    import shutil
+
+    from .config import StackConfig
+    from .pipeline import stack_session
+    from .simulate import SimulationConfig, simulate_session
+
+    width, height = _parse_size(size)
+    for sub in ("rawData", "truth", "processedData"):
+        if (folder / sub).exists():
+            shutil.rmtree(folder / sub)
+    with progress_bar() as bar:
+        task = bar.add_task("simulating", total=None)
+        sim = simulate_session(
+            folder, SimulationConfig(n_frames=frames_count, width=width, height=height, rotation_rate_deg_per_hour=60.0),
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+        result = stack_session(sim.session_dir, folder / "processedData", StackConfig(), workers=workers,
+                               progress=_stage_progress(bar))
+    _print_stack_summary([(sim.session_dir, result)], False)
+    console.print(f"[green]Simulated session:[/] {sim.session_dir}")
+    for key in ("master_linear", "quicklook_png", "report_md", "manifest"):
+        if key in result.outputs:
+            console.print(f"[green]{key}:[/] {result.outputs[key]}")
+
+
+@command(
+    epilog=(
+        "Examples:\n\n"
+        "  dwarf3 cache SESSION                    # what is cached\n\n"
+        "  dwarf3 cache SESSION --clear-transforms # re-match stars next time\n\n"
+        "  dwarf3 cache SESSION --clear            # remove every cache of the session"
+    )
+)
+def cache(
+    session: Annotated[Path, typer.Argument(help="Session folder (its cache lives in OUT/<session>/cache/).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output root used when stacking.")] = Path("processedData"),
+    clear: Annotated[bool, typer.Option("--clear", help="Remove every cache of the session.")] = False,
+    clear_transforms: Annotated[bool, typer.Option("--clear-transforms", help="Remove the cached transforms.")] = False,
+    clear_stack: Annotated[bool, typer.Option("--clear-stack", help="Remove the cached stacked intermediates.")] = False,
+) -> None:
+    """Show or clear the caches of a session (scores, transforms, stacked intermediates, colour calibration)."""
+    import shutil
+
+    from .analysis import output_dir_for
+
+    folder = output_dir_for(session, out) / "cache"
+    targets = []
+    if clear:
+        targets = [folder]
+    else:
+        if clear_transforms:
+            targets.append(folder / "transforms.json")
+        if clear_stack:
+            targets.append(folder / "stack")
+    for target in targets:
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        console.print(f"removed {target}")
+    if targets:
+        return
+    if not folder.is_dir():
+        console.print(f"no cache for {session.name} under {folder.parent}")
+        return
+    table = Table(title=f"cache of {session.name}", title_justify="left")
+    for col in ("entry", "what", "frames", "size"):
+        table.add_column(col, justify="right" if col in ("frames", "size") else "left")
+    for path in sorted(folder.iterdir()):
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+        frames = "-"
+        if path.suffix == ".json":
+            try:
+                frames = str(len(json.loads(path.read_text()).get("frames", {})))
+            except (ValueError, AttributeError):
+                frames = "?"
+        what = {"scores.json": "measurements and star lists", "transforms.json": "registrations",
+                "stack": "stacked intermediates", "calibration.json": "colour calibration"}.get(path.name, "")
+        if path.name == "stack":
+            frames = f"{len(list(path.iterdir()))} stack(s)"
+        table.add_row(path.name, what, frames, f"{size / 1e6:.1f} MB")
+    console.print(table)

@@ -1,0 +1,143 @@
+"""``StackConfig``: every setting of a stacking run, validated, frozen and hashable (the cache key).
+
+Settings that cannot change the output (worker count, cache use, verbosity) are not part of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .analysis import AnalysisConfig
+from .cache import settings_hash
+from .errors import ConfigError
+from .quality import SCORE_METHODS, SelectionLimits
+
+__all__ = ["StackConfig", "DEBAYER_MODES"]
+
+DEBAYER_MODES = ("rgb", "bayer-first", "superpixel", "none")
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(options)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Settings of :func:`dwarf3gpu.stack_session` (CLI options in brackets).
+
+    Attributes
+    ----------
+    keep, score, reference, align_mode : see :class:`~dwarf3gpu.analysis.AnalysisConfig`
+        Selection and registration (``--keep``, ``--score``, ``--reference``, ``--align-mode``).
+    max_fwhm, min_stars, max_eccentricity, min_transparency, max_background : optional hard limits
+        See :class:`~dwarf3gpu.quality.SelectionLimits`.
+    debayer : {"rgb", "bayer-first", "superpixel", "none"}
+        ``rgb``: debayer every frame (bilinear) then warp (strong field rotation); ``bayer-first``: stack the
+        mosaics, debayer the master; ``superpixel``: half-resolution RGB; ``none``: CFA master with BAYERPAT.
+    interpolation : {"bilinear", "bicubic"}
+        Warp kernel (bicubic is sharper).
+    sigma, sigma_lower, sigma_upper, maxiters, cenfunc, stdfunc : sigma clipping
+        astropy ``sigma_clip`` semantics; ``sigma_lower``/``sigma_upper`` default to ``sigma``. The default spread
+        is ``mad_std``: with the plain standard deviation one outlier among N samples can never lie more than
+        ``(N - 1) / sqrt(N)`` sigma from the others (2.3 for N = 7), so a 3-sigma clip of a short session would
+        keep every satellite trail.
+    normalisation : {"additive", "multiplicative", "none"}
+        Frame normalisation before rejection (background matching).
+    weights : {"none", "noise"}
+        Per-frame weights of the mean (``noise``: inverse background variance).
+    feather_px : float
+        Edge feathering width (0: off).
+    crop : bool
+        Crop the master to the fully covered rectangle.
+    memory_budget : int or None
+        Bytes for the stacking tiles (None: a safe share of the available RAM).
+    include_failed : bool
+        Use the device's ``failed_`` frames too.
+    quicklook : bool
+        Write the previews.
+    stretch : {"two_stage", "asinh"}
+        Preview stretch.
+    scnr : float
+        SCNR green removal amount for the preview, 0..1 (off by default: after the colour calibration there is
+        no green cast left, and SCNR would tint a noisy grey sky magenta; see METHODS.md).
+    color_matrix : str
+        Colour-matrix preset for the preview.
+    backend : {"auto", "cpu", "cuda"}
+        Compute backend.
+    """
+
+    keep: float = 0.92
+    score: str = "weighted"
+    reference: str = "best"
+    align_mode: str = "auto"
+    max_fwhm: float | None = None
+    min_stars: int = 8
+    max_eccentricity: float | None = None
+    min_transparency: float | None = None
+    max_background: float | None = None
+    debayer: str = "rgb"
+    interpolation: str = "bilinear"
+    sigma: float = 3.0
+    sigma_lower: float | None = None
+    sigma_upper: float | None = None
+    maxiters: int = 5
+    cenfunc: str = "median"
+    stdfunc: str = "mad_std"
+    normalisation: str = "additive"
+    weights: str = "none"
+    feather_px: float = 0.0
+    crop: bool = False
+    memory_budget: int | None = None
+    include_failed: bool = False
+    quicklook: bool = True
+    stretch: str = "two_stage"
+    scnr: float = 0.0
+    color_matrix: str = "identity"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        _choice("debayer", self.debayer, DEBAYER_MODES)
+        _choice("interpolation", self.interpolation, ("bilinear", "bicubic"))
+        _choice("cenfunc", self.cenfunc, ("median", "mean"))
+        _choice("stdfunc", self.stdfunc, ("std", "mad_std"))
+        _choice("normalisation", self.normalisation, ("additive", "multiplicative", "none"))
+        _choice("weights", self.weights, ("none", "noise"))
+        _choice("stretch", self.stretch, ("two_stage", "asinh"))
+        _choice("score", self.score, SCORE_METHODS)
+        _choice("backend", self.backend, ("auto", "cpu", "cuda"))
+        for name in ("sigma", "sigma_lower", "sigma_upper"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive; got {value}")
+        if self.maxiters < 1:
+            raise ConfigError(f"--maxiters must be at least 1; got {self.maxiters}")
+        if self.feather_px < 0:
+            raise ConfigError(f"--feather must be >= 0 pixels; got {self.feather_px}")
+        if not 0 <= self.scnr <= 1:
+            raise ConfigError(f"--scnr must be between 0 and 1; got {self.scnr}")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ConfigError("--memory-budget must be positive, e.g. 4G or 512M")
+        self.analysis()  # validates keep, reference, align mode
+
+    def analysis(self) -> AnalysisConfig:
+        """The measure/select/register part of the settings."""
+        return AnalysisConfig(
+            keep=self.keep, score=self.score, reference=self.reference, align_mode=self.align_mode,
+            limits=SelectionLimits(self.max_fwhm, self.min_stars, self.max_eccentricity, self.min_transparency,
+                                   self.max_background),
+        )
+
+    @property
+    def sigma_bounds(self) -> tuple[float, float]:
+        """(lower, upper) clipping bounds in sigma."""
+        return (self.sigma_lower or self.sigma, self.sigma_upper or self.sigma)
+
+    def to_json(self) -> dict[str, Any]:
+        """Every setting as plain JSON."""
+        return asdict(self)
+
+    def settings_hash(self) -> str:
+        """Stable hash of the settings (written in the master's header)."""
+        return settings_hash(self.to_json())

@@ -1,0 +1,674 @@
+"""``stack_session``: one session in, a linear master, previews, a manifest and a report out.
+
+Stages: discover -> measure -> select -> register (``analysis.py``) -> warp + stack in tiles (through the
+backend) -> finish (colour calibration recorded, previews) -> write. Every file goes to
+``<output_root>/<session>/`` atomically; nothing is written under the session folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from astropy.io import fits
+
+from . import __version__
+from .analysis import SessionAnalysis, analyze_session, default_workers, output_dir_for
+from .atomic import write_json_atomic
+from .backends import Backend, get_backend
+from .cache import file_identity, settings_hash
+from .color import background_neutral_gains
+from .config import StackConfig
+from .debayer import bayer_offsets, superpixel_transform
+from .errors import ConfigError, SessionError
+from .fitsio import read_fits, read_layout, read_raw_uint16, write_fits
+from .register import even_pixel_shift
+from .session import Session, discover
+from .stack import crop_to_coverage, default_memory_budget, normalisation, plan_tiles, stack_tiles
+from .stretch import make_quicklook, write_preview_png, write_preview_tiff
+from .warp import source_window, window_margin
+
+__all__ = ["StackResult", "stack_session", "load_transforms_file", "save_transforms_file"]
+
+ProgressCallback = Callable[[str, int, int], None]
+#: Extra source margin for a debayered band: interior pixels then equal a full-frame debayer bit for bit.
+DEBAYER_MARGIN = 2
+
+
+@dataclass
+class StackResult:
+    """What :func:`stack_session` produced.
+
+    Attributes
+    ----------
+    kept : list of str
+        Names of the frames in the master.
+    rejected : list of dict
+        ``{"name", "reason", "detail"}`` for every light not in the master.
+    outputs : dict of str to pathlib.Path
+        ``master_linear``, ``coverage``, ``rejected_map``, ``quicklook_png``, ``quicklook_tif``, ``manifest``,
+        ``report_json``, ``report_md`` (those written).
+    stats : dict
+        Summary numbers (``snr_proxy``, ``noise_gain``, frames, rotation range, timings, ...).
+    analysis : SessionAnalysis
+        Per-frame measurements and decisions.
+    """
+
+    kept: list[str]
+    rejected: list[dict[str, str]]
+    outputs: dict[str, Path]
+    stats: dict[str, Any]
+    analysis: SessionAnalysis
+    manifest: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def stack_session(
+    session: str | os.PathLike,
+    output_root: str | os.PathLike = "processedData",
+    config: StackConfig = StackConfig(),
+    *,
+    workers: int | None = None,
+    use_cache: bool = True,
+    refresh_cache: bool = False,
+    frame_list: Sequence[str] | None = None,
+    load_transforms: str | os.PathLike | None = None,
+    save_transforms: str | os.PathLike | None = None,
+    dry_run: bool = False,
+    progress: ProgressCallback | None = None,
+) -> StackResult:
+    """Stack one session.
+
+    Parameters
+    ----------
+    session : str or os.PathLike
+        Session folder (read only).
+    output_root : str or os.PathLike, default "processedData"
+        Outputs go to ``output_root/<session folder name>/``.
+    config : StackConfig
+        Every setting that shapes the result.
+    workers : int, optional
+        Worker processes/threads (default: all cores); the output does not depend on it.
+    use_cache, refresh_cache : bool
+        Use (or rebuild) the caches in ``<out>/cache/``.
+    frame_list : sequence of str, optional
+        Only these light file names (``--frame-list``); the others are rejected as ``not_in_frame_list``.
+    load_transforms, save_transforms : path, optional
+        Read transforms instead of matching stars / write the transforms used (JSON, frame -> reference 2x3).
+    dry_run : bool
+        Measure, select, register and report, but do not stack.
+    progress : callable, optional
+        ``progress(stage, done, total)``.
+
+    Returns
+    -------
+    StackResult
+        Kept and rejected frames, output paths and statistics.
+
+    Raises
+    ------
+    SessionError
+        No usable lights.
+    ConfigError
+        Invalid settings or output folder.
+    """
+    t_start = time.perf_counter()
+    workers = max(1, workers or default_workers())
+    backend = get_backend(config.backend)
+    found = discover(session, include_failed=config.include_failed)
+    out_dir = output_dir_for(found.path, output_root)
+    not_listed = _apply_frame_list(found, frame_list)
+    if not found.lights:
+        raise SessionError(f"no light frames to stack in {found.path}; run 'dwarf3 frames' to see why")
+    given = load_transforms_file(load_transforms) if load_transforms else None
+    analysis = analyze_session(
+        found, config.analysis(), out_dir=out_dir, workers=workers, use_cache=use_cache,
+        refresh_cache=refresh_cache, progress=progress, given_transforms=given,
+    )
+    timings = dict(analysis.timings)
+    if save_transforms:
+        save_transforms_file(analysis, save_transforms)
+    kept = analysis.kept
+    if not kept:
+        raise SessionError("every frame was rejected; see the table (loosen --keep or the hard limits)")
+
+    outputs: dict[str, Path] = {}
+    stacked = None
+    if not dry_run:
+        t0 = time.perf_counter()
+        stacked = _stack(analysis, config, backend, out_dir, workers, use_cache, refresh_cache, progress)
+        timings["stack"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        outputs.update(_write_master(stacked, analysis, config, out_dir))
+        if config.quicklook and stacked.rgb is not None:
+            outputs.update(_write_previews(stacked, config, out_dir))
+        timings["finish"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+
+    rejected = [
+        {"name": r.frame.name, "reason": r.decision.reason, "detail": r.decision.detail} for r in analysis.rejected
+    ] + not_listed
+    stats = _stats(analysis, stacked, timings)
+    manifest = _manifest(found, analysis, config, backend, stacked, stats, outputs, not_listed, workers, dry_run)
+    outputs["manifest"] = write_json_atomic(out_dir / "run_manifest.json", manifest)
+    from .report import write_reports
+
+    outputs.update(write_reports(out_dir, analysis, stats, outputs, rejected, stacked))
+    return StackResult([r.frame.name for r in kept], rejected, outputs, stats, analysis, manifest)
+
+
+def _apply_frame_list(found: Session, frame_list: Sequence[str] | None) -> list[dict[str, str]]:
+    """Keep only the listed lights; return the others as rejections. Unknown names are an error."""
+    if frame_list is None:
+        return []
+    wanted = [name.strip() for name in frame_list if name.strip() and not name.lstrip().startswith("#")]
+    names = {f.name for f in found.lights}
+    unknown = [n for n in wanted if Path(n).name not in names]
+    if unknown:
+        raise ConfigError(
+            f"--frame-list names {len(unknown)} file(s) that are not lights of this session, e.g. {unknown[0]!r}"
+        )
+    keep = {Path(n).name for n in wanted}
+    dropped = [f for f in found.lights if f.name not in keep]
+    found.lights = [f for f in found.lights if f.name in keep]
+    return [{"name": f.name, "reason": "not_in_frame_list", "detail": "not named in --frame-list"} for f in dropped]
+
+
+def load_transforms_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a transforms file written by ``--save-transforms`` (frame name -> 2x3 frame->reference)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        frames = data["frames"]
+        out = {name: np.asarray(m, float) for name, m in frames.items() if m is not None}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot read transforms from {path}: {exc} (write one with --save-transforms)") from exc
+    bad = [n for n, m in out.items() if m.shape != (2, 3)]
+    if bad:
+        raise ConfigError(f"{path}: transform of {bad[0]!r} is not a 2x3 matrix")
+    return out
+
+
+def save_transforms_file(analysis: SessionAnalysis, path: str | os.PathLike) -> Path:
+    """Write every frame's transform (None when it failed) with the convention and the reference."""
+    frames = {
+        r.frame.name: (r.registration.matrix.tolist() if r.registration and r.registration.ok else None)
+        for r in analysis.records
+    }
+    return write_json_atomic(
+        path,
+        {"convention": analysis.to_json()["transform_convention"], "reference": analysis.reference.frame.name,
+         "frames": frames},
+    )
+
+
+# ----------------------------------------------------------------------------------------------- stacking
+
+
+@dataclass
+class Stacked:
+    """The stacking result, before it is written.
+
+    Attributes
+    ----------
+    mean : numpy.ndarray
+        (C, H, W) clipped mean (C = 3 RGB, or 1 CFA mosaic).
+    coverage : numpy.ndarray
+        (H, W) valid samples per pixel.
+    rejected : numpy.ndarray
+        Rejected samples per pixel (see stack.py for the shape).
+    rgb : numpy.ndarray or None
+        (3, H, W) colour master (the CFA master debayered for ``bayer-first``; None for ``none``).
+    is_cfa : bool
+        True when ``mean`` is a CFA mosaic.
+    tile_plan : dict
+        The tile plan used.
+    crop : tuple or None
+        (row0, row1, col0, col1) when cropped.
+    matrices : dict
+        Frame name -> transform actually applied (after the align mode).
+    backgrounds : dict
+        Frame name -> per-channel background level used for normalisation.
+    from_cache : bool
+        True when the stack came from the intermediate cache.
+    calibration : ColorCalibration or None
+        Colour calibration measured on the master (recorded, not applied).
+    single : tuple or None
+        (data, valid) of the reference frame alone, rendered like every frame: the noise reference.
+    """
+
+    mean: np.ndarray
+    coverage: np.ndarray
+    rejected: np.ndarray
+    rgb: np.ndarray | None
+    is_cfa: bool
+    tile_plan: dict[str, Any]
+    crop: tuple[int, int, int, int] | None
+    matrices: dict[str, list]
+    backgrounds: dict[str, list]
+    from_cache: bool = False
+    calibration: Any = None
+    single: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _stack(
+    analysis: SessionAnalysis, config: StackConfig, backend: Backend, out_dir: Path, workers: int,
+    use_cache: bool, refresh_cache: bool, progress: ProgressCallback | None,
+) -> Stacked:
+    """Warp and sigma-clip the kept frames in memory-budgeted tiles (or reuse the cached result)."""
+    kept = analysis.kept
+    pattern = analysis.session.metadata.bayer_pattern or "RGGB"
+    height, width = kept[0].frame.height, kept[0].frame.width
+    matrices = {r.frame.name: _applied_matrix(r.registration.matrix, analysis.align_mode, (width, height)) for r in kept}
+    key = settings_hash({
+        "version": __version__,
+        "stack": {k: v for k, v in config.to_json().items() if k in _STACK_KEYS},
+        "backend": backend.name,
+        "frames": [[r.frame.name, file_identity(r.frame.path), matrices[r.frame.name]] for r in kept],
+        "reference": analysis.reference.frame.name,
+    })
+    cache_dir = out_dir / "cache" / "stack" / key
+    if use_cache and not refresh_cache and (cache_dir / "meta.json").is_file():
+        return _load_stacked(cache_dir)
+
+    if progress:
+        progress("backgrounds", 0, len(kept))
+    backgrounds = {}
+    for i, r in enumerate(kept):
+        backgrounds[r.frame.name] = _cfa_channel_medians(_read_mosaic(r.frame.path), pattern)
+        if progress:
+            progress("backgrounds", i + 1, len(kept))
+    ref_bg = np.asarray(backgrounds[analysis.reference.frame.name])
+    norms = [normalisation(ref_bg, np.asarray(backgrounds[r.frame.name]), config.normalisation) for r in kept]
+    frame_weights = _frame_weights(kept, config.weights)
+
+    superpixel = config.debayer == "superpixel"
+    cfa = config.debayer in ("bayer-first", "none")
+    channels = 1 if cfa else 3
+    out_h, out_w = (height // 2, width // 2) if superpixel else (height, width)
+    budget = config.memory_budget or default_memory_budget()
+    plan = plan_tiles(out_h, out_w, len(kept), channels, budget)
+    renderer = _FrameRenderer(kept, matrices, norms, pattern, config, backend, (height, width), superpixel, cfa)
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        mean, coverage, rejected = stack_tiles(
+            plan, renderer, len(kept), (channels, out_h, out_w),
+            frame_weights=frame_weights,
+            sigma_lower=config.sigma_bounds[0], sigma_upper=config.sigma_bounds[1], maxiters=config.maxiters,
+            cenfunc=config.cenfunc, stdfunc=config.stdfunc, executor=pool,
+            progress=(lambda done, total: progress("stacking", done, total)) if progress else None,
+        )
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    ref_index = next((i for i, r in enumerate(kept) if r is analysis.reference), 0)
+    single_data, single_valid, _ = renderer(ref_index, 0, out_h)
+    single = (single_data if single_data.ndim == 3 else single_data[None], single_valid)
+    crop = None
+    if config.crop:
+        _, crop = crop_to_coverage(mean[0], coverage, min_count=int(coverage.max()))
+        r0, r1, c0, c1 = crop
+        if cfa:  # keep the Bayer phase
+            r0, c0 = r0 + (r0 % 2), c0 + (c0 % 2)
+            crop = (r0, r1, c0, c1)
+        mean, coverage = mean[:, r0:r1, c0:c1], coverage[r0:r1, c0:c1]
+        rejected = rejected[..., r0:r1, c0:c1]
+        single = (single[0][:, r0:r1, c0:c1], single[1][r0:r1, c0:c1])
+    rgb = None
+    if config.debayer == "bayer-first":
+        phase = (crop[0] % 2, crop[2] % 2) if crop else (0, 0)
+        rgb = backend.debayer_bilinear(np.nan_to_num(mean[0]), pattern, origin=phase)
+        rgb[:, ~np.isfinite(mean[0])] = np.nan
+    elif not cfa:
+        rgb = mean
+    stacked = Stacked(mean, coverage, rejected, rgb, cfa, plan.to_json(), crop, matrices,
+                      {k: list(map(float, v)) for k, v in backgrounds.items()}, single=single)
+    if use_cache:
+        _save_stacked(cache_dir, stacked)
+    return stacked
+
+
+#: Settings that change the stacked pixels (the intermediate cache key).
+_STACK_KEYS = ("debayer", "interpolation", "sigma", "sigma_lower", "sigma_upper", "maxiters", "cenfunc", "stdfunc",
+               "normalisation", "weights", "feather_px", "crop")
+
+
+class _FrameRenderer:
+    """``render(frame_index, row0, row1)``: one frame's contribution to an output band (data, valid, weight)."""
+
+    def __init__(self, kept, matrices, norms, pattern, config, backend, frame_size, superpixel, cfa):
+        self.kept, self.matrices, self.norms = kept, matrices, norms
+        self.pattern, self.config, self.backend = pattern, config, backend
+        self.frame_size, self.superpixel, self.cfa = frame_size, superpixel, cfa
+
+    def __call__(self, index: int, row0: int, row1: int):
+        record = self.kept[index]
+        A = np.asarray(self.matrices[record.frame.name], float)
+        mosaic = _read_mosaic(record.frame.path)
+        height, width = self.frame_size
+        method = self.config.interpolation
+        offset, scale = self.norms[index]
+        if self.superpixel:
+            A = superpixel_transform(A)
+            src = self.backend.debayer_superpixel(mosaic, self.pattern)
+            out_w = width // 2
+            warped, valid, weight = self.backend.warp_affine(
+                src, A, (row1 - row0, out_w), out_origin=(row0, 0), src_origin=(0, 0), method=method,
+                feather_px=self.config.feather_px / 2, src_size=(height // 2, width // 2),
+            )
+            return _normalise(warped, offset, scale), valid, weight
+        margin = window_margin(method, bayer_planes=self.cfa) + (0 if self.cfa else DEBAYER_MARGIN)
+        r0, r1, c0, c1 = source_window(A, (row1 - row0, width), (row0, 0), (height, width), margin)
+        band = mosaic[r0:r1, c0:c1].astype(np.float32)
+        common = dict(out_origin=(row0, 0), src_origin=(r0, c0), src_size=(height, width), method=method,
+                      feather_px=self.config.feather_px)
+        if self.cfa:
+            warped, valid, weight = self.backend.warp_bayer_planes(band, self.pattern, A, (row1 - row0, width), **common)
+            channel = _cfa_channel_map(self.pattern, row0, row1 - row0, width)
+            return _normalise(warped[None], offset[channel], scale[channel]), valid, weight
+        rgb = self.backend.debayer_bilinear(band, self.pattern, origin=(r0, c0))
+        warped, valid, weight = self.backend.warp_affine(rgb, A, (row1 - row0, width), **common)
+        return _normalise(warped, offset, scale), valid, weight
+
+
+def _normalise(data: np.ndarray, offset, scale) -> np.ndarray:
+    """``data * scale + offset`` per channel (arrays broadcast over (C, h, w) or per-pixel maps)."""
+    offset, scale = np.asarray(offset, np.float32), np.asarray(scale, np.float32)
+    if offset.ndim == 1:
+        offset, scale = offset[:, None, None], scale[:, None, None]
+    return data * scale + offset
+
+
+def _cfa_channel_map(pattern: str, row0: int, rows: int, width: int) -> np.ndarray:
+    """(rows, width) channel index (0 R, 1 G, 2 B) of each output CFA pixel at absolute rows row0..."""
+    offsets = bayer_offsets(pattern)
+    cell = np.zeros((2, 2), np.intp)
+    for c, name in enumerate("RGB"):
+        for dr, dc in offsets[name]:
+            cell[dr, dc] = c
+    r = (np.arange(row0, row0 + rows) % 2)[:, None]
+    col = (np.arange(width) % 2)[None, :]
+    return cell[r, col]
+
+
+def _applied_matrix(matrix: np.ndarray, align_mode: str, size: tuple[int, int]) -> list:
+    """The transform used for warping: the full affine, or its even-pixel shift in ``integer`` mode."""
+    if align_mode == "integer":
+        dx, dy = even_pixel_shift(matrix, centre_xy=((size[0] - 1) / 2, (size[1] - 1) / 2))
+        return [[1.0, 0.0, float(dx)], [0.0, 1.0, float(dy)]]
+    return np.asarray(matrix, float).tolist()
+
+
+def _read_mosaic(path: Path) -> np.ndarray:
+    """Raw frame as uint16 (fast path) or float32."""
+    layout = read_layout(path)
+    if layout.is_raw_uint16:
+        return read_raw_uint16(path, layout)[0]
+    return read_fits(path).data
+
+
+def _cfa_channel_medians(mosaic: np.ndarray, pattern: str) -> np.ndarray:
+    """Median of each colour's raw pixels (every 2nd cell sampled: plenty for a background level)."""
+    offsets = bayer_offsets(pattern)
+    out = []
+    for name in "RGB":
+        samples = np.concatenate([mosaic[dr::4, dc::4].ravel() for dr, dc in offsets[name]]).astype(np.float32)
+        out.append(float(np.nanmedian(samples)))
+    return np.array(out)
+
+
+def _frame_weights(kept, mode: str) -> np.ndarray:
+    """Per-frame weights of the mean: 1, or 1 / noise^2 normalised to a mean of 1."""
+    if mode == "none":
+        return np.ones(len(kept), np.float32)
+    noise = np.array([r.metrics.noise for r in kept], float)
+    w = 1.0 / noise**2
+    return (w / w.mean()).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- intermediates
+
+
+def _image(a: np.ndarray) -> np.ndarray:
+    """Drop a leading axis of length 1 (a CFA plane stored as (1, H, W))."""
+    return a[0] if a.ndim == 3 and a.shape[0] == 1 else a
+
+
+def _save_stacked(folder: Path, stacked: Stacked) -> None:
+    """Cache the stacked arrays (FITS) and their description (meta.json, written last)."""
+    write_fits(_image(stacked.mean), folder / "mean.fits")
+    write_fits(stacked.coverage.astype(np.float32), folder / "coverage.fits")
+    write_fits(_image(np.asarray(stacked.rejected, np.float32)), folder / "rejected.fits")
+    if stacked.rgb is not None and stacked.is_cfa:
+        write_fits(stacked.rgb, folder / "rgb.fits")
+    if stacked.single is not None:
+        write_fits(_image(stacked.single[0]), folder / "single.fits")
+        write_fits(stacked.single[1].astype(np.float32), folder / "single_valid.fits")
+    meta = {k: getattr(stacked, k) for k in ("is_cfa", "tile_plan", "crop", "matrices", "backgrounds")}
+    write_json_atomic(folder / "meta.json", meta)
+
+
+def _load_stacked(folder: Path) -> Stacked:
+    """Inverse of :func:`_save_stacked`."""
+    meta = json.loads((folder / "meta.json").read_text())
+    mean = read_fits(folder / "mean.fits").data
+    if mean.ndim == 2:
+        mean = mean[None]
+    rgb = None
+    if (folder / "rgb.fits").is_file():
+        rgb = read_fits(folder / "rgb.fits").data
+    elif not meta["is_cfa"]:
+        rgb = mean
+    coverage = read_fits(folder / "coverage.fits").data.astype(np.int32)
+    rejected = read_fits(folder / "rejected.fits").data.astype(np.int32)
+    crop = tuple(meta["crop"]) if meta["crop"] else None
+    single = None
+    if (folder / "single.fits").is_file():
+        data = read_fits(folder / "single.fits").data
+        single = (data if data.ndim == 3 else data[None], read_fits(folder / "single_valid.fits").data > 0.5)
+    return Stacked(mean, coverage, rejected, rgb, meta["is_cfa"], meta["tile_plan"], crop, meta["matrices"],
+                   meta["backgrounds"], from_cache=True, single=single)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def _master_header(analysis: SessionAnalysis, config: StackConfig, stacked: Stacked) -> fits.Header:
+    """FITS header of the linear master: provenance, times, pointing, settings hash and history."""
+    meta = analysis.session.metadata
+    kept = analysis.kept
+    h = fits.Header()
+    ref = kept[0].frame
+    for key, value, comment in (
+        ("OBJECT", meta.target, "target"),
+        ("TELESCOP", _first_header_value(ref.path, "TELESCOP"), "telescope of the lights"),
+        ("INSTRUME", _first_header_value(ref.path, "INSTRUME"), "instrument of the lights"),
+        ("FILTER", meta.filter, "filter"),
+        ("GAIN", meta.gain, "sensor gain of the lights"),
+        ("RA", meta.ra_deg, "[deg] pointing (J2000)"),
+        ("DEC", meta.dec_deg, "[deg] pointing (J2000)"),
+    ):
+        if value is not None:
+            h[key] = (value, comment)
+    exposures = [r.frame.exposure_s or 0.0 for r in kept]
+    h["NCOMBINE"] = (len(kept), "frames combined")
+    h["EXPTIME"] = (float(sum(exposures)), "[s] total exposure of the combined frames")
+    h["EXPOSURE"] = (float(sum(exposures)), "[s] total exposure of the combined frames")
+    starts = [r.frame.mid_time - timedelta(seconds=(r.frame.exposure_s or 0) / 2) for r in kept if r.frame.mid_time]
+    ends = [r.frame.mid_time + timedelta(seconds=(r.frame.exposure_s or 0) / 2) for r in kept if r.frame.mid_time]
+    mids = [r.frame.mid_time for r in kept if r.frame.mid_time]
+    if starts:
+        h["DATE-OBS"] = (min(starts).isoformat(timespec="milliseconds"), "start of the first combined exposure (UTC)")
+        h["DATE-END"] = (max(ends).isoformat(timespec="milliseconds"), "end of the last combined exposure (UTC)")
+        mean_mid = min(mids) + sum((m - min(mids) for m in mids), timedelta()) / len(mids)
+        h["DATE-AVG"] = (mean_mid.isoformat(timespec="milliseconds"), "mean mid-exposure time (UTC)")
+    if stacked.is_cfa:
+        pattern = meta.bayer_pattern or "RGGB"
+        if stacked.crop and (stacked.crop[0] % 2 or stacked.crop[2] % 2):
+            raise AssertionError("CFA crops keep the Bayer phase")
+        h["BAYERPAT"] = (pattern, "Bayer pattern of the CFA master")
+    h["SWCREATE"] = (f"dwarf3gpu {__version__}", "software that made this file")
+    h["D3SETHSH"] = (config.settings_hash(), "dwarf3gpu settings hash")
+    h["D3REF"] = (analysis.reference.frame.name[:68], "reference frame")
+    h["D3DEBAYR"] = (config.debayer, "debayer mode")
+    h["D3ALIGN"] = (analysis.align_mode, "align mode")
+    h["HISTORY"] = f"dwarf3gpu {__version__}: {len(analysis.records)} lights measured, {len(kept)} kept"
+    h["HISTORY"] = f"registered on {analysis.reference.frame.name} ({analysis.align_mode})"
+    h["HISTORY"] = (
+        f"normalisation {config.normalisation}; sigma clip {config.sigma_bounds[0]:g}/{config.sigma_bounds[1]:g} "
+        f"maxiters {config.maxiters} {config.cenfunc}/{config.stdfunc}; weights {config.weights}"
+    )
+    if config.debayer == "bayer-first":
+        h["HISTORY"] = "stacked in the Bayer domain, master debayered (bilinear)"
+    if stacked.crop:
+        h["HISTORY"] = f"cropped to full coverage rows {stacked.crop[0]}:{stacked.crop[1]} cols {stacked.crop[2]}:{stacked.crop[3]}"
+    h["HISTORY"] = "linear data: colour gains are recorded (WBGAIN_*, WBOFFS_*), not applied"
+    return h
+
+
+def _first_header_value(path: Path, key: str) -> Any:
+    """A header value of a light (None when absent)."""
+    value = read_layout(path).header.get(key)
+    return value.strip() if isinstance(value, str) else value
+
+
+def _write_master(stacked: Stacked, analysis: SessionAnalysis, config: StackConfig, out_dir: Path) -> dict[str, Path]:
+    """Write the linear master, coverage and rejected maps, and the colour calibration."""
+    header = _master_header(analysis, config, stacked)
+    outputs: dict[str, Path] = {}
+    if stacked.rgb is not None:
+        stacked.calibration = background_neutral_gains(stacked.rgb)
+        for key, value, comment in stacked.calibration.header_cards():
+            header[key] = (value, comment)
+        write_json_atomic(out_dir / "cache" / "calibration.json", stacked.calibration.to_json())
+    master = _image(stacked.mean) if config.debayer == "none" else stacked.rgb
+    stacked_dir = out_dir / "stacked"
+    outputs["master_linear"] = write_fits(master, stacked_dir / "master_linear.fits", header)
+    cov_header = fits.Header()
+    cov_header["BUNIT"] = ("frames", "valid samples per pixel")
+    outputs["coverage"] = write_fits(stacked.coverage.astype(np.float32), stacked_dir / "coverage.fits", cov_header)
+    rej_header = fits.Header()
+    rej_header["BUNIT"] = ("samples", "samples rejected by sigma clipping")
+    outputs["rejected_map"] = write_fits(_image(np.asarray(stacked.rejected, np.float32)), stacked_dir / "rejected.fits", rej_header)
+    return outputs
+
+
+def _write_previews(stacked: Stacked, config: StackConfig, out_dir: Path) -> dict[str, Path]:
+    """8-bit PNG and 16-bit TIFF quicklooks (gains, SCNR, colour matrix and stretch applied to a copy)."""
+    rgb01 = make_quicklook(stacked.rgb, stacked.calibration, stretch=config.stretch, scnr_amount=config.scnr,
+                           color_matrix=config.color_matrix)
+    return {
+        "quicklook_png": write_preview_png(rgb01, out_dir / "master_quicklook.png"),
+        "quicklook_tif": write_preview_tiff(rgb01, out_dir / "master_quicklook.tif"),
+    }
+
+
+def _stats(analysis: SessionAnalysis, stacked: Stacked | None, timings: dict[str, float]) -> dict[str, Any]:
+    """Summary numbers for report.json and the CLI."""
+    kept = analysis.kept
+    reasons: dict[str, int] = {}
+    for r in analysis.rejected:
+        reasons[r.decision.reason] = reasons.get(r.decision.reason, 0) + 1
+    fwhm = [r.metrics.fwhm for r in kept if r.metrics and np.isfinite(r.metrics.fwhm)]
+    bg = [r.metrics.background for r in kept if r.metrics]
+    stats: dict[str, Any] = {
+        "frames_total": len(analysis.records),
+        "frames_kept": len(kept),
+        "frames_rejected": len(analysis.rejected),
+        "rejected_by_reason": reasons,
+        "reference": analysis.reference.frame.name,
+        "align_mode": analysis.align_mode,
+        "rotation_range_deg": analysis.rotation_range_deg,
+        "fwhm_median_px": float(np.median(fwhm)) if fwhm else None,
+        "background_median_adu": float(np.median(bg)) if bg else None,
+        "total_exposure_s": float(sum(r.frame.exposure_s or 0 for r in kept)),
+        "timings_s": timings,
+        "seconds_per_frame": timings["total"] / max(1, len(analysis.records)),
+    }
+    if stacked is not None:
+        stats.update(_image_quality(stacked, analysis))
+    return stats
+
+
+def _image_quality(stacked: Stacked, analysis: SessionAnalysis) -> dict[str, Any]:
+    """``snr_proxy``, master noise and ``noise_gain`` over the fully covered area.
+
+    ``snr_proxy`` = (99.5th percentile - median) / noise of the master's luminance (mean of the channels; the
+    green sites of a CFA master): how far the bright signal stands above the background noise. ``noise_gain`` =
+    noise of the reference frame rendered through the same pipeline / noise of the master, both measured the same
+    way (sqrt of the frames kept for independent noise and no interpolation; warping smooths noise a little more).
+    """
+    step = 2 if stacked.is_cfa else 1
+    lum = _luminance(stacked.mean)
+    full = stacked.coverage >= max(1, int(stacked.coverage.max()))
+    values = lum[full & np.isfinite(lum)]
+    if values.size < 100:
+        return {"snr_proxy": None, "noise_gain": None, "master_noise_adu": None}
+    noise = _robust_noise(lum, full, step)
+    median = float(np.median(values))
+    out = {
+        "snr_proxy": (float(np.percentile(values, 99.5)) - median) / noise if noise > 0 else None,
+        "master_noise_adu": noise,
+        "single_frame_noise_adu": None,
+        "noise_gain": None,
+    }
+    if stacked.single is not None:
+        data, valid = stacked.single
+        single = _robust_noise(_luminance(data), valid & full, step)
+        out["single_frame_noise_adu"] = single
+        out["noise_gain"] = single / noise if noise > 0 else None
+    return out
+
+
+def _luminance(data: np.ndarray) -> np.ndarray:
+    """Mean of three channels, or the single CFA plane."""
+    return data.mean(axis=0) if data.shape[0] == 3 else data[0]
+
+
+def _robust_noise(image: np.ndarray, mask: np.ndarray, step: int = 1) -> float:
+    """Pixel noise from neighbour differences (``step`` = 2 pairs same-colour CFA pixels): 1.4826 MAD / sqrt(2)."""
+    diff = image[:, step:] - image[:, :-step]
+    good = mask[:, step:] & mask[:, :-step] & np.isfinite(diff)
+    d = diff[good]
+    if d.size == 0:
+        return float("nan")
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2))
+
+
+def _manifest(
+    found: Session, analysis: SessionAnalysis, config: StackConfig, backend: Backend, stacked: Stacked | None,
+    stats: dict, outputs: dict[str, Path], not_listed: list[dict], workers: int, dry_run: bool,
+) -> dict[str, Any]:
+    """Everything decided in this run, for traceability."""
+    import astroalign
+    import astropy
+    import cv2
+
+    return {
+        "software": {
+            "dwarf3gpu": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "astropy": astropy.__version__, "astroalign": astroalign.__version__, "opencv": cv2.__version__,
+        },
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "session": found.to_json(),
+        "settings": config.to_json(),
+        "settings_hash": config.settings_hash(),
+        "workers": workers,
+        "dry_run": dry_run,
+        "backend": backend.describe(),
+        "analysis": analysis.to_json(),
+        "frame_list_rejections": not_listed,
+        "stack": None if stacked is None else {
+            "tile_plan": stacked.tile_plan, "crop": stacked.crop, "applied_transforms": stacked.matrices,
+            "backgrounds": stacked.backgrounds, "from_cache": stacked.from_cache,
+            "colour_calibration": stacked.calibration.to_json() if stacked.calibration is not None else None,
+        },
+        "stats": stats,
+        "outputs": {k: str(v) for k, v in outputs.items()},
+    }
