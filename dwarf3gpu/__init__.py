@@ -15,6 +15,13 @@ from .stars import StarList, detect_stars, luminance_proxy
 from .quality import FrameMetrics, SelectionLimits, score_frames, select_frames
 from .register import Registration, apply_transform, invert_transform, register_frame
 from .analysis import AnalysisConfig, SessionAnalysis, analyze_session
+from .debayer import debayer_bilinear, debayer_rggb, debayer_superpixel
+from .warp import warp_affine, warp_bayer_planes
+from .stack import crop_to_coverage, sigma_clip_mask_aware, sigma_clip_mask_aware_rgb
+from .color import ColorCalibration, apply_bayer_compensation, background_neutral_gains, scnr_green
+from .stretch import asinh_stretch, make_quicklook, two_stage_stretch
+from .config import StackConfig
+from .pipeline import StackResult, stack_session
 
 __all__ = [
     "__version__",
@@ -56,4 +63,25 @@ __all__ = [
     "AnalysisConfig",
     "SessionAnalysis",
     "analyze_session",
+    # warp and stack
+    "debayer_rggb",
+    "debayer_bilinear",
+    "debayer_superpixel",
+    "warp_affine",
+    "warp_bayer_planes",
+    "sigma_clip_mask_aware",
+    "sigma_clip_mask_aware_rgb",
+    "crop_to_coverage",
+    # finishing
+    "ColorCalibration",
+    "background_neutral_gains",
+    "apply_bayer_compensation",
+    "scnr_green",
+    "asinh_stretch",
+    "two_stage_stretch",
+    "make_quicklook",
+    # the main job
+    "StackConfig",
+    "StackResult",
+    "stack_session",
 ]

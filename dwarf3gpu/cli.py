@@ -483,7 +483,7 @@ def _print_stack_summary(results, dry_run: bool) -> None:
 )
 def demo(
     folder: Annotated[Path, typer.Argument(help="Where to put the simulated session and the results.")] = Path("dwarf3-demo"),
-    frames_count: Annotated[int, typer.Option("--frames", "-n", help="Light frames to simulate.")] = 16,
+    frames_count: Annotated[int, typer.Option("--frames", "-n", help="Light frames to simulate.")] = 20,
     size: Annotated[str, typer.Option(help="Frame size WIDTHxHEIGHT (the DWARF 3 tele camera is 3856x2180).")] = "1928x1090",
     workers: Annotated[Optional[int], typer.Option(help="Parallel workers (default: all cores).")] = None,
 ) -> None:

@@ -39,13 +39,17 @@ def write_reports(
     return written
 
 
-def _times_hours(analysis: SessionAnalysis) -> np.ndarray:
-    """Mid-exposure times in hours since the first frame (frame index when times are unknown)."""
+def _times(analysis: SessionAnalysis) -> tuple[np.ndarray, str]:
+    """Mid-exposure times since the first frame and the axis label (minutes under 2 h, else hours; frame index
+    when times are unknown)."""
     times = [r.frame.mid_time for r in analysis.records]
     if any(t is None for t in times):
-        return np.arange(len(times), dtype=float)
+        return np.arange(len(times), dtype=float), "frame"
     t0 = min(times)
-    return np.array([(t - t0).total_seconds() / 3600 for t in times])
+    seconds = np.array([(t - t0).total_seconds() for t in times])
+    if seconds.max(initial=0) < 7200:
+        return seconds / 60, "minutes since the first frame"
+    return seconds / 3600, "hours since the first frame"
 
 
 def _plot_frames(analysis: SessionAnalysis, path: Path) -> Path:
@@ -55,7 +59,7 @@ def _plot_frames(analysis: SessionAnalysis, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t = _times_hours(analysis)
+    t, t_label = _times(analysis)
     kept = np.array([r.decision.kept for r in analysis.records])
     nan = float("nan")
     series = {
@@ -75,7 +79,7 @@ def _plot_frames(analysis: SessionAnalysis, path: Path) -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     for ax in axes[1]:
-        ax.set_xlabel("hours since first frame" if len(t) and t.max() > 0 else "frame")
+        ax.set_xlabel(t_label)
     axes[0, 0].legend(loc="best", fontsize=8)
     fig.suptitle(f"{analysis.session.metadata.target or analysis.session.path.name}: frames")
     fig.tight_layout()
