@@ -40,6 +40,8 @@ __all__ = ["AnalysisConfig", "FrameRecord", "SessionAnalysis", "analyze_session"
 ProgressCallback = Callable[[str, int, int], None]
 #: Stars kept per frame for registration and transparency (brightest first).
 STARS_KEPT = 300
+#: Version tag of the registration method in the transforms cache key (change it when the fit changes).
+REGISTRATION_METHOD = "astroalign+flux-weighted-refinement-1"
 
 
 @dataclass(frozen=True)
@@ -300,6 +302,7 @@ def analyze_session(
     ref_entry = measured[ref]
     given = {name: np.asarray(m, float).tolist() for name, m in (given_transforms or {}).items()}
     reg_settings = {
+        "method": REGISTRATION_METHOD,
         "detection": config.detection_settings(),
         "reference": lights[ref].name,
         "reference_identity": file_identity(lights[ref].path),
@@ -464,7 +467,13 @@ def _register_task(args: tuple) -> dict:
         def images() -> tuple[np.ndarray, np.ndarray]:
             return luminance_proxy(_read_mosaic(path), bayer), luminance_proxy(_read_mosaic(ref_path), bayer)
 
-        reg = register_frame(xy, ref_xy, images=images, image_bin=2)
+        # Star fluxes weight the fit (register.pair_variances); a saturated star's flux is only a lower bound but its
+        # centroid is good, so it gets the capped weight of the centroid floor (inf).
+        flux, ref_flux = (
+            np.where(np.asarray(s["saturated"], bool), np.inf, np.asarray(s["flux"], float)).reshape(-1)
+            for s in (stars, ref_stars)
+        )
+        reg = register_frame(xy, ref_xy, frame_flux=flux, ref_flux=ref_flux, images=images, image_bin=2)
     out: dict[str, Any] = {"registration": reg.to_json()}
     if not reg.ok:
         out["error"] = reg.reason

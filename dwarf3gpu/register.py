@@ -10,8 +10,11 @@ pixel (0, 0), full-resolution mosaic pixels) to the reference frame's pixel::
 ``find_transform`` (triangle invariants + RANSAC) supplies a first similarity transform from
 the brightest stars; :func:`refine_transform` then re-matches *all* detected stars by nearest
 neighbour and refits by least squares with outlier rejection, which is where the accuracy
-comes from; :func:`select_model` keeps a full affine only where the stars call for one. Every
-function is pure (no module state), so callers may run them in a process pool.
+comes from; :func:`select_model` keeps a full affine only where the stars call for one. When
+the callers pass the stars' fluxes, each pair is weighted by the inverse of its centroid
+variance, modelled from the fluxes (:func:`pair_variances`), and outliers are judged on
+normalised residuals. Every function is pure (no module state), so callers may run them in a
+process pool.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Callable, Sequence
 
 import astroalign
 import numpy as np
+from scipy.optimize import nnls
 from scipy.spatial import cKDTree
 
 from .errors import ConfigError, SessionError
@@ -31,6 +35,7 @@ __all__ = [
     "register_frame",
     "refine_transform",
     "fit_transform",
+    "pair_variances",
     "select_model",
     "central_stars",
     "apply_transform",
@@ -67,6 +72,19 @@ CLIP_SIGMA = 4.0
 
 MAX_REFINE_ITERATIONS = 10
 """Refinement passes at most; it normally converges (same match set twice) in 2 to 4."""
+
+CENTROID_FLOOR_PX = 0.01
+"""Smallest per-axis centroid error assumed for any star, in pixels (see :func:`pair_variances`).
+
+It caps the weight of the brightest and of saturated stars. Measured on the simulator's full frames: the
+brightest unsaturated stars have 0.01-0.02 px, saturated ones 0.006-0.009 px of error per axis.
+"""
+
+VARIANCE_PASSES = 2
+"""Rounds of (variance model from residuals, weighted refit) per weighted fit."""
+
+MIN_WEIGHTED_PAIRS = 10
+"""Fewer pairs than this are fitted without weights (too few to estimate the variance model)."""
 
 _RAYLEIGH_MEDIAN = math.sqrt(2.0 * math.log(2.0))
 _MODELS = ("affine", "similarity")
@@ -288,7 +306,9 @@ def transform_rms_error(
 # --------------------------------------------------------------------------- fitting and matching
 
 
-def fit_transform(src: np.ndarray, dst: np.ndarray, model: str = "affine") -> np.ndarray:
+def fit_transform(
+    src: np.ndarray, dst: np.ndarray, model: str = "affine", weights: np.ndarray | None = None
+) -> np.ndarray:
     """Least-squares transform mapping ``src`` points onto ``dst`` points.
 
     Parameters
@@ -298,6 +318,9 @@ def fit_transform(src: np.ndarray, dst: np.ndarray, model: str = "affine") -> np
     model : {"affine", "similarity"}
         "affine": 6 free parameters (rotation, scale, shear, anisotropic scale, shift);
         "similarity": rotation, one scale and shift (4 parameters).
+    weights : numpy.ndarray, optional
+        (N,) positive weight of each pair, the same for x and y (1 / per-axis variance); the fit
+        minimises ``sum(w * |A(src) - dst|**2)``. None weighs every pair equally.
 
     Returns
     -------
@@ -306,20 +329,89 @@ def fit_transform(src: np.ndarray, dst: np.ndarray, model: str = "affine") -> np
     """
     src = np.asarray(src, dtype=np.float64)
     dst = np.asarray(dst, dtype=np.float64)
-    src_mean = src.mean(axis=0)
-    dst_mean = dst.mean(axis=0)
+    if model not in _MODELS:
+        raise ConfigError(f"unknown transform model {model!r}; use one of {_MODELS}")
+    if weights is None:
+        src_mean = src.mean(axis=0)
+        dst_mean = dst.mean(axis=0)
+        w = None
+    else:
+        w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        src_mean = w @ src
+        dst_mean = w @ dst
     s = src - src_mean
     d = dst - dst_mean
     if model == "affine":
-        linear = np.linalg.lstsq(s, d, rcond=None)[0].T
-    elif model == "similarity":
-        norm = float(np.sum(s * s))
-        a = float(np.sum(s * d)) / norm
-        b = float(np.sum(s[:, 0] * d[:, 1] - s[:, 1] * d[:, 0])) / norm
-        linear = np.array([[a, -b], [b, a]])
+        if w is None:
+            linear = np.linalg.lstsq(s, d, rcond=None)[0].T
+        else:
+            root = np.sqrt(w)[:, None]
+            linear = np.linalg.lstsq(s * root, d * root, rcond=None)[0].T
     else:
-        raise ConfigError(f"unknown transform model {model!r}; use one of {_MODELS}")
+        ws = s if w is None else s * w[:, None]
+        norm = float(np.sum(ws * s))
+        a = float(np.sum(ws * d)) / norm
+        b = float(np.sum(ws[:, 0] * d[:, 1] - ws[:, 1] * d[:, 0])) / norm
+        linear = np.array([[a, -b], [b, a]])
     return np.hstack([linear, (dst_mean - linear @ src_mean)[:, None]])
+
+
+def pair_variances(
+    resid: np.ndarray, frame_inv_flux: np.ndarray, ref_inv_flux: np.ndarray, start: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-axis variance of each star pair's residual, from a flux model fitted to the residuals.
+
+    The centroid error of a star of flux ``F`` (per axis) follows
+    ``sigma^2 = s^2 / SNR^2 + floor^2`` with ``SNR = F / sqrt(F / g + B)`` (``s`` the PSF's Gaussian sigma,
+    ``g`` the gain, ``B`` the sky variance summed over the star's pixels), i.e.
+    ``sigma^2(F) = alpha / F^2 + beta / F + gamma``. A pair's residual adds the frame star's error (mapped
+    through the transform, whose scale is 1 within 5 %) and the reference star's, so its per-axis variance
+    is ``alpha (1/F_f^2 + 1/F_r^2) + beta (1/F_f + 1/F_r) + 2 gamma``. The lists carry fluxes only, so the
+    coefficients (which depend on the frame's sky, seeing and clouds) are fitted to the residuals
+    themselves: non-negative least squares of ``|r|^2 / 2`` on the three terms, iteratively reweighted by
+    the model variance, pairs beyond ``9 x`` their variance (about 4.2 sigma) left out of the fit, and
+    ``gamma`` at least :data:`CENTROID_FLOOR_PX` squared. The weights are the same for frame and reference
+    terms: when the flux ratio is about constant (one transparency) only their sum can be told apart.
+
+    Parameters
+    ----------
+    resid : numpy.ndarray
+        (N,) residual lengths ``|A(frame star) - reference star|`` in pixels.
+    frame_inv_flux, ref_inv_flux : numpy.ndarray
+        (N,) ``1 / flux`` of each pair's frame and reference star; 0 for a star whose centroid error is
+        the floor alone (saturated: its flux is a lower bound, its centroid is good).
+    start : numpy.ndarray, optional
+        (N,) variances to start the reweighting from; None starts from the robust scatter of ``resid``
+        (``median / sqrt(2 ln 2)``) for every pair.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N,) per-axis variances in px^2, all at least ``2 * CENTROID_FLOOR_PX**2``.
+    """
+    resid = np.asarray(resid, dtype=np.float64)
+    inv_f = np.asarray(frame_inv_flux, dtype=np.float64)
+    inv_r = np.asarray(ref_inv_flux, dtype=np.float64)
+    terms = np.column_stack([inv_f**2 + inv_r**2, inv_f + inv_r, np.ones(resid.size)])
+    scales = terms.max(axis=0)
+    scales[scales <= 0.0] = 1.0
+    terms = terms / scales  # columns of order 1 for the solver (the variances do not depend on it)
+    floor = 2.0 * CENTROID_FLOOR_PX**2
+    half_r2 = 0.5 * resid * resid
+    if start is None:
+        sigma = float(np.median(resid)) / _RAYLEIGH_MEDIAN
+        var = np.full(resid.size, max(sigma * sigma, floor))
+    else:
+        var = np.maximum(np.asarray(start, dtype=np.float64), floor)
+    for _ in range(4):
+        use = half_r2 <= 9.0 * var
+        if np.count_nonzero(use) < terms.shape[1]:
+            break
+        inv = 1.0 / var[use]
+        coef = nnls(terms[use] * inv[:, None], half_r2[use] * inv)[0]
+        coef[2] = max(coef[2], floor)
+        var = terms @ coef
+    return np.maximum(var, floor)
 
 
 def _match_nearest(
@@ -355,9 +447,16 @@ def _match_nearest(
 
 
 def _fit_clipped(
-    src: np.ndarray, dst: np.ndarray, model: str
-) -> tuple[np.ndarray, np.ndarray, float]:
+    src: np.ndarray, dst: np.ndarray, model: str, inv_flux: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None]:
     """Fit, drop pairs beyond the robust outlier cut, refit.
+
+    Without fluxes every pair has the same weight and the cut is ``max(CLIP_SIGMA * sigma,
+    MIN_RADIUS_PX)`` with ``sigma`` the robust per-axis scatter of the residuals. With fluxes the
+    fit is weighted by ``1 / variance`` from :func:`pair_variances` (re-estimated from the weighted
+    fit's residuals :data:`VARIANCE_PASSES` times) and the cut of each pair is
+    ``max(CLIP_SIGMA * sigma_n * sqrt(variance), MIN_RADIUS_PX)``, ``sigma_n`` being the robust
+    scatter of the normalised residuals ``|r| / sqrt(variance)`` (about 1 when the model holds).
 
     Parameters
     ----------
@@ -365,20 +464,36 @@ def _fit_clipped(
         (N, 2) candidate pairs.
     model : str
         See :func:`fit_transform`.
+    inv_flux : tuple of numpy.ndarray, optional
+        ``(1 / frame flux, 1 / reference flux)`` of each pair (see :func:`pair_variances`); None
+        for an unweighted fit.
 
     Returns
     -------
-    (numpy.ndarray, numpy.ndarray, float)
-        The refitted transform, the boolean inlier mask and the cut used (pixels).
+    (numpy.ndarray, numpy.ndarray, float, numpy.ndarray or None)
+        The refitted transform, the boolean inlier mask, the largest cut used (pixels) and the
+        per-pair variances (None when unweighted).
     """
     A = fit_transform(src, dst, model)
     resid = np.linalg.norm(apply_transform(A, src) - dst, axis=1)
-    sigma = float(np.median(resid)) / _RAYLEIGH_MEDIAN
-    cut = max(CLIP_SIGMA * sigma, MIN_RADIUS_PX)
-    inliers = resid <= cut
+    if inv_flux is None or len(src) < MIN_WEIGHTED_PAIRS:
+        sigma = float(np.median(resid)) / _RAYLEIGH_MEDIAN
+        cut = max(CLIP_SIGMA * sigma, MIN_RADIUS_PX)
+        inliers = resid <= cut
+        if _MIN_PAIRS <= inliers.sum() < inliers.size:
+            A = fit_transform(src[inliers], dst[inliers], model)
+        return A, inliers, cut, None
+    var = None
+    for _ in range(VARIANCE_PASSES):
+        var = pair_variances(resid, inv_flux[0], inv_flux[1], start=var)
+        A = fit_transform(src, dst, model, weights=1.0 / var)
+        resid = np.linalg.norm(apply_transform(A, src) - dst, axis=1)
+    sigma = float(np.median(resid / np.sqrt(var))) / _RAYLEIGH_MEDIAN
+    cuts = np.maximum(CLIP_SIGMA * sigma * np.sqrt(var), MIN_RADIUS_PX)
+    inliers = resid <= cuts
     if _MIN_PAIRS <= inliers.sum() < inliers.size:
-        A = fit_transform(src[inliers], dst[inliers], model)
-    return A, inliers, cut
+        A = fit_transform(src[inliers], dst[inliers], model, weights=1.0 / var[inliers])
+    return A, inliers, float(cuts.max()), var
 
 
 def select_model(src: np.ndarray, dst: np.ndarray) -> str:
@@ -415,6 +530,9 @@ def refine_transform(
     A0: np.ndarray,
     model: str = "auto",
     radius: float = INITIAL_RADIUS_PX,
+    *,
+    frame_flux: np.ndarray | None = None,
+    ref_flux: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str] | None:
     """Refine a rough transform by nearest-neighbour re-matching of all stars.
 
@@ -426,6 +544,11 @@ def refine_transform(
     match set and not on the random sampling behind ``A0``. With ``model="auto"`` the passes
     fit an affine and :func:`select_model` picks the final model on the final pairs.
 
+    With both fluxes given, every fit is weighted by the inverse variance of each pair
+    (:func:`pair_variances`, a flux model fitted to that pass's residuals) and the outlier cut
+    applies to normalised residuals, per pair (see :func:`_fit_clipped`); the model choice
+    stays unweighted (see METHODS.md). Without fluxes the result is that of the unweighted fit.
+
     Parameters
     ----------
     frame_xy, ref_xy : numpy.ndarray
@@ -436,25 +559,38 @@ def refine_transform(
         Transform fitted, see :func:`fit_transform` and :func:`select_model`.
     radius : float, optional
         Match radius of the first pass, in reference pixels.
+    frame_flux, ref_flux : numpy.ndarray, optional
+        (N,) and (M,) star fluxes (any unit, the same for both lists; ``inf`` marks a star whose
+        centroid error is the floor alone, e.g. a saturated star). Both or neither.
 
     Returns
     -------
     tuple or None
         ``(A, frame_idx, ref_idx, model)``: the refined transform, the indices of the pairs
         used in its fit and the model fitted; None when fewer than 4 pairs were found.
+
+    Raises
+    ------
+    ValueError
+        If only one flux list is given or its length differs from its star list's.
     """
     pass_model = "affine" if model == "auto" else model
+    inv_f, inv_r = _inverse_fluxes(frame_flux, ref_flux, len(frame_xy), len(ref_xy))
     if min(len(frame_xy), len(ref_xy)) < _MIN_PAIRS:
         return None
     tree = cKDTree(ref_xy)
     A = np.asarray(A0, dtype=np.float64)
     previous = None
+    var = None
     for _ in range(MAX_REFINE_ITERATIONS):
         src_idx, dst_idx = _match_nearest(frame_xy, tree, A, radius)
         if src_idx.size < _MIN_PAIRS:
             return None
-        A, inliers, cut = _fit_clipped(frame_xy[src_idx], ref_xy[dst_idx], pass_model)
+        inv_flux = None if inv_f is None else (inv_f[src_idx], inv_r[dst_idx])
+        A, inliers, cut, var = _fit_clipped(frame_xy[src_idx], ref_xy[dst_idx], pass_model, inv_flux)
         src_idx, dst_idx = src_idx[inliers], dst_idx[inliers]
+        if var is not None:
+            var = var[inliers]
         if src_idx.size < _MIN_PAIRS:
             return None
         pairs = (src_idx.tobytes(), dst_idx.tobytes())
@@ -465,8 +601,34 @@ def refine_transform(
     src, dst = frame_xy[src_idx], ref_xy[dst_idx]
     final_model = select_model(src, dst) if model == "auto" else model
     if final_model != pass_model:
-        A = fit_transform(src, dst, final_model)
+        A = fit_transform(src, dst, final_model, weights=None if var is None else 1.0 / var)
     return A, src_idx, dst_idx, final_model
+
+
+def _inverse_fluxes(
+    frame_flux: np.ndarray | None, ref_flux: np.ndarray | None, n_frame: int, n_ref: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``1 / flux`` of both lists for :func:`pair_variances` (None, None without fluxes).
+
+    ``inf`` gives 0 (floor only). A flux that is NaN or not positive says nothing about the star,
+    so it gets the faintest valid flux of its list (the largest variance).
+    """
+    if frame_flux is None and ref_flux is None:
+        return None, None
+    if frame_flux is None or ref_flux is None:
+        raise ValueError("give both frame_flux and ref_flux, or neither")
+    out = []
+    for flux, n, name in ((frame_flux, n_frame, "frame_flux"), (ref_flux, n_ref, "ref_flux")):
+        flux = np.asarray(flux, dtype=np.float64).reshape(-1)
+        if flux.size != n:
+            raise ValueError(f"{name} has {flux.size} values for {n} stars")
+        valid = flux > 0.0  # False for NaN
+        inv = np.zeros(n)
+        np.divide(1.0, flux, out=inv, where=valid)
+        finite = valid & np.isfinite(flux)
+        inv[~valid] = float(inv[finite].max()) if finite.any() else 0.0
+        out.append(inv)
+    return out[0], out[1]
 
 
 # --------------------------------------------------------------------------- registration
@@ -483,12 +645,18 @@ class _Checks:
 
 
 def _accept(
-    frame_xy: np.ndarray, ref_xy: np.ndarray, A0: np.ndarray, checks: _Checks, attempt: str
+    frame_xy: np.ndarray,
+    ref_xy: np.ndarray,
+    A0: np.ndarray,
+    checks: _Checks,
+    attempt: str,
+    fluxes: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[Registration | None, str]:
     """Refine ``A0`` and return a successful Registration, or None and why it was refused."""
     if abs(scale(A0) - 1.0) > checks.max_scale_error:
         return None, f"scale {scale(A0):.4f} from astroalign is implausible"
-    refined = refine_transform(frame_xy, ref_xy, A0, checks.model)
+    frame_flux, ref_flux = fluxes if fluxes is not None else (None, None)
+    refined = refine_transform(frame_xy, ref_xy, A0, checks.model, frame_flux=frame_flux, ref_flux=ref_flux)
     if refined is None:
         return None, "too few star pairs within the match radius"
     A, src_idx, dst_idx, model = refined
@@ -564,7 +732,11 @@ def _brightest(xy: np.ndarray, count: int) -> np.ndarray:
 
 
 def _star_attempts(
-    frame_xy: np.ndarray, ref_xy: np.ndarray, counts: Sequence[int], checks: _Checks
+    frame_xy: np.ndarray,
+    ref_xy: np.ndarray,
+    counts: Sequence[int],
+    checks: _Checks,
+    fluxes: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[Registration | None, list[str]]:
     """astroalign on the brightest stars (central disk, then whole frame) per count; refine."""
     reasons = []
@@ -582,7 +754,7 @@ def _star_attempts(
             if found is None:
                 reasons.append(f"{attempt}: {why}")
                 continue
-            result, why = _accept(frame_xy, ref_xy, found[0], checks, attempt)
+            result, why = _accept(frame_xy, ref_xy, found[0], checks, attempt, fluxes)
             if result is not None:
                 return result, reasons
             reasons.append(f"{attempt}: {why}")
@@ -595,8 +767,13 @@ def _image_attempt(
     images: Callable[[], tuple[np.ndarray, np.ndarray]],
     image_bin: int,
     checks: _Checks,
+    fluxes: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[Registration | None, list[str]]:
-    """Let astroalign detect stars in the images, then refine on the star lists or its pairs."""
+    """Let astroalign detect stars in the images, then refine on the star lists or its pairs.
+
+    ``fluxes`` (of the star lists) weight the refinement on the lists; astroalign's own pairs
+    carry no flux and are refined unweighted.
+    """
     frame_img, ref_img = images()
     reasons = []
     for max_points, sigma, area in IMAGE_SETTINGS:
@@ -609,8 +786,8 @@ def _image_attempt(
         A_binned, src, dst = found
         A0 = _unbin_transform(A_binned, image_bin)
         src_full, dst_full = _unbin_points(src, image_bin), _unbin_points(dst, image_bin)
-        for frame_pts, ref_pts in ((frame_xy, ref_xy), (src_full, dst_full)):
-            result, why = _accept(frame_pts, ref_pts, A0, checks, "image")
+        for frame_pts, ref_pts, pair_fluxes in ((frame_xy, ref_xy, fluxes), (src_full, dst_full, None)):
+            result, why = _accept(frame_pts, ref_pts, A0, checks, "image", pair_fluxes)
             if result is not None:
                 return result, reasons
         reasons.append(f"image: {why}")
@@ -629,20 +806,30 @@ def _unbin_transform(A_binned: np.ndarray, image_bin: int) -> np.ndarray:
     return compose(to_full, compose(A_binned, invert_transform(to_full)))
 
 
-def _as_points(xy: np.ndarray, name: str) -> np.ndarray:
-    """Return ``xy`` as a finite (N, 2) float64 array, dropping non-finite rows."""
+def _as_points(
+    xy: np.ndarray, name: str, flux: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Return ``xy`` as a finite (N, 2) float64 array, dropping non-finite rows, and ``flux`` with them."""
     points = np.asarray(xy, dtype=np.float64)
     if points.size == 0:
-        return points.reshape(0, 2)
-    if points.ndim != 2 or points.shape[1] != 2:
+        points = points.reshape(0, 2)
+    elif points.ndim != 2 or points.shape[1] != 2:
         raise ValueError(f"{name} must be an (N, 2) array of [x, y], got shape {points.shape}")
-    return points[np.all(np.isfinite(points), axis=1)]
+    keep = np.all(np.isfinite(points), axis=1)
+    if flux is not None:
+        flux = np.asarray(flux, dtype=np.float64).reshape(-1)
+        if flux.size != len(points):
+            raise ValueError(f"the flux list of {name} has {flux.size} values for {len(points)} stars")
+        flux = flux[keep]
+    return points[keep], flux
 
 
 def register_frame(
     frame_xy: np.ndarray,
     ref_xy: np.ndarray,
     *,
+    frame_flux: np.ndarray | None = None,
+    ref_flux: np.ndarray | None = None,
     model: str = "auto",
     counts: Sequence[int] = STAR_COUNTS,
     images: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
@@ -662,10 +849,21 @@ def register_frame(
     when at least ``min_matches`` pairs remain, their RMS residual is at most ``max_rms_px``
     and the scale is within ``max_scale_error`` of 1. Alignment failures never raise.
 
+    With ``frame_flux`` and ``ref_flux`` the refinement weights each star pair by the inverse of
+    its centroid variance, modelled from the two stars' fluxes (:func:`pair_variances`), and
+    rejects outliers on normalised residuals; without them every pair weighs the same. The
+    astroalign attempts and the acceptance checks (``rms_px`` is the unweighted RMS) are the
+    same either way.
+
     Parameters
     ----------
     frame_xy, ref_xy : numpy.ndarray
         (N, 2) and (M, 2) star positions [x, y] in full-resolution pixels, brightest first.
+    frame_flux, ref_flux : numpy.ndarray, optional
+        (N,) and (M,) fluxes of those stars, in one unit for both lists (e.g. the detector's
+        background-subtracted aperture flux, ADU). ``inf`` marks a star whose centroid is good
+        but whose flux is unknown (saturated): it gets the capped weight of the centroid floor.
+        Give both or neither.
     model : {"auto", "affine", "similarity"}, optional
         Transform refined. "auto" fits an affine and keeps it only when the stars show a
         significant departure from a similarity (see :func:`select_model` and METHODS.md).
@@ -692,24 +890,28 @@ def register_frame(
     Raises
     ------
     ValueError
-        If a star list is not an (N, 2) array.
+        If a star list is not an (N, 2) array, a flux list does not match its star list, or
+        only one flux list is given.
     ConfigError
         If ``model`` is unknown.
     """
     if model not in ("auto",) + _MODELS:
         raise ConfigError(f"unknown transform model {model!r}; use auto or one of {_MODELS}")
-    frame_xy = _as_points(frame_xy, "frame_xy")
-    ref_xy = _as_points(ref_xy, "ref_xy")
+    if (frame_flux is None) != (ref_flux is None):
+        raise ValueError("give both frame_flux and ref_flux, or neither")
+    frame_xy, frame_flux = _as_points(frame_xy, "frame_xy", frame_flux)
+    ref_xy, ref_flux = _as_points(ref_xy, "ref_xy", ref_flux)
+    fluxes = None if frame_flux is None else (frame_flux, ref_flux)
     checks = _Checks(model, min_matches, max_rms_px, max_scale_error)
     reasons = []
     if min(len(frame_xy), len(ref_xy)) >= max(_MIN_PAIRS, min_matches):
-        result, reasons = _star_attempts(frame_xy, ref_xy, counts, checks)
+        result, reasons = _star_attempts(frame_xy, ref_xy, counts, checks, fluxes)
         if result is not None:
             return result
     else:
         reasons.append(f"too few stars (frame {len(frame_xy)}, reference {len(ref_xy)})")
     if images is not None:
-        result, image_reasons = _image_attempt(frame_xy, ref_xy, images, image_bin, checks)
+        result, image_reasons = _image_attempt(frame_xy, ref_xy, images, image_bin, checks, fluxes)
         if result is not None:
             return result
         reasons.extend(image_reasons)

@@ -24,7 +24,7 @@ def test_version_and_module_entry_point():
     assert proc.returncode == 0 and __version__ in proc.stdout
 
 
-@pytest.mark.parametrize("command", [[], ["simulate"], ["frames"]])
+@pytest.mark.parametrize("command", [[], ["simulate"], ["frames"], ["stack"], ["demo"], ["cache"]])
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_help_everywhere(command, flag):
     result = runner.invoke(app, [*command, flag], terminal_width=200)
