@@ -288,3 +288,38 @@ def test_real_seestar_session():
 def test_real_seestar_eq_session():
     result = discover(realdata("seestar_ngc7023_2025"))
     assert len(result.lights) == 2 and result.metadata.target == "NGC 7023"
+
+
+def test_discovery_of_a_simulated_session_with_clutter_and_mismatched_frames(tmp_path):
+    """A simulated session (device layout, by-products, failed_ frames) plus foreign and mismatched frames."""
+    from dwarf3gpu.fitsio import read_fits, read_header
+    from dwarf3gpu.simulate import SimulationConfig, simulate_session
+
+    sim = simulate_session(tmp_path / "card", SimulationConfig(n_frames=6, width=128, height=96, n_failed=2, seed=5,
+                                                                with_darks=True))
+    session = sim.session_dir
+    # a frame of another size and one of another exposure, named like lights of this session (1 ms later)
+    data, _ = read_fits(sim.lights[1])
+    header = read_header(sim.lights[1])
+
+    def twin(light):
+        info = parse_light_name(light.name)
+        t = info["time"] + timedelta(milliseconds=1)
+        return session / light.name.replace(f"{info['time']:%Y%m%d-%H%M%S}{info['time'].microsecond // 1000:03d}",
+                                            f"{t:%Y%m%d-%H%M%S}{t.microsecond // 1000:03d}")
+
+    write_raw_uint16(data[:64, :96].astype(np.uint16), twin(sim.lights[1]), header)
+    long_exp = header.copy()
+    long_exp["EXPTIME"] = 2 * float(header["EXPTIME"])
+    write_raw_uint16(data.astype(np.uint16), twin(sim.lights[2]), long_exp)
+    before = hash_tree(session.parent)
+    result = discover(session)
+    assert [f.path for f in result.lights] == sim.lights  # observation order, the simulator's own list
+    reasons = {}
+    for e in result.excluded:
+        reasons.setdefault(e.reason, []).append(e.path.name)
+    assert sorted(reasons["device_failed"]) == sorted(p.name for p in sim.failed)
+    assert len(reasons["header_mismatch"]) == 2
+    assert "device_stack" in reasons and "device_by_product" in reasons and "not_a_light" in reasons
+    assert result.best_dark is not None and result.best_dark.kind == "raw_dark_set"
+    assert hash_tree(session.parent) == before
