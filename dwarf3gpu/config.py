@@ -16,6 +16,8 @@ from .quality import SCORE_METHODS, SelectionLimits
 __all__ = ["StackConfig", "DEBAYER_MODES"]
 
 DEBAYER_MODES = ("rgb", "bayer-first", "superpixel", "none")
+#: Settings that cannot change any output byte, left out of :meth:`StackConfig.settings_hash`.
+_NOT_HASHED = ("memory_budget",)
 
 
 def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
@@ -139,5 +141,9 @@ class StackConfig:
         return asdict(self)
 
     def settings_hash(self) -> str:
-        """Stable hash of the settings (written in the master's header)."""
-        return settings_hash(self.to_json())
+        """Stable hash of the settings that shape the result (written in the master's header).
+
+        ``memory_budget`` only changes how the output is split into tiles, never a pixel (tested byte for byte),
+        so it is left out: the same stack made with another budget carries the same hash.
+        """
+        return settings_hash({k: v for k, v in self.to_json().items() if k not in _NOT_HASHED})

@@ -512,7 +512,8 @@ def _master_header(analysis: SessionAnalysis, config: StackConfig, stacked: Stac
         pattern = meta.bayer_pattern or "RGGB"
         if stacked.crop and (stacked.crop[0] % 2 or stacked.crop[2] % 2):
             raise AssertionError("CFA crops keep the Bayer phase")
-        h["BAYERPAT"] = (pattern, "Bayer pattern of the CFA master")
+        if config.debayer == "none":  # bayer-first writes the debayered RGB master: no Bayer pattern to declare
+            h["BAYERPAT"] = (pattern, "Bayer pattern of the CFA master")
     h["SWCREATE"] = (f"dwarf3gpu {__version__}", "software that made this file")
     h["D3SETHSH"] = (config.settings_hash(), "dwarf3gpu settings hash")
     h["D3REF"] = (analysis.reference.frame.name[:68], "reference frame")
