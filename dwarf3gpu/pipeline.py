@@ -155,6 +155,7 @@ def stack_session(
     rejected = [
         {"name": r.frame.name, "reason": r.decision.reason, "detail": r.decision.detail} for r in analysis.rejected
     ] + not_listed
+    _remove_stale_outputs(out_dir, outputs, dry_run)
     stats = _stats(analysis, stacked, timings)
     manifest = _manifest(found, analysis, config, backend, stacked, stats, outputs, not_listed, workers, dry_run)
     outputs["manifest"] = write_json_atomic(out_dir / "run_manifest.json", manifest)
@@ -162,6 +163,29 @@ def stack_session(
 
     outputs.update(write_reports(out_dir, analysis, stats, outputs, rejected, stacked))
     return StackResult([r.frame.name for r in kept], rejected, outputs, stats, analysis, manifest)
+
+
+#: Files a run may write under ``<out>/``; those this run did not write are removed so no stale result remains.
+_OUTPUT_FILES = {
+    "master_linear": "stacked/master_linear.fits",
+    "coverage": "stacked/coverage.fits",
+    "rejected_map": "stacked/rejected.fits",
+    "quicklook_png": "master_quicklook.png",
+    "quicklook_tif": "master_quicklook.tif",
+}
+
+
+def _remove_stale_outputs(out_dir: Path, written: dict[str, Path], dry_run: bool) -> None:
+    """Delete outputs of an earlier run that this run replaces by nothing (e.g. previews after --no-quicklook).
+
+    A dry run leaves the earlier outputs in place: it only re-scores and rewrites the reports.
+    """
+    if dry_run:
+        return
+    for key, rel in _OUTPUT_FILES.items():
+        path = out_dir / rel
+        if key not in written and path.exists():
+            path.unlink()
 
 
 def _apply_frame_list(found: Session, frame_list: Sequence[str] | None) -> list[dict[str, str]]:

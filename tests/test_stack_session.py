@@ -706,3 +706,20 @@ def test_session_folder_never_written(small):
     """Runs last in this module: after every stack, cache and CLI run above, the small session is unchanged."""
     sim, before, _ = small
     assert hash_tree(sim.session_dir) == before
+
+
+def test_rerun_without_previews_removes_the_stale_ones(tmp_path):
+    """A re-run replaces outputs cleanly: previews of an earlier run do not survive --no-quicklook."""
+    from dwarf3gpu.config import StackConfig
+    from dwarf3gpu.pipeline import stack_session
+    from dwarf3gpu.simulate import SimulationConfig, simulate_session
+
+    sim = simulate_session(tmp_path / "s", SimulationConfig(n_frames=5, width=256, height=192, n_failed=0,
+                                                            n_cloudy=0, n_trailed=0, n_bad_seeing=0, clutter=False,
+                                                            stars_per_megapixel=3000, seed=11))
+    first = stack_session(sim.session_dir, tmp_path / "out", StackConfig(keep=1.0), workers=1)
+    assert first.outputs["quicklook_png"].exists()
+    second = stack_session(sim.session_dir, tmp_path / "out", StackConfig(keep=1.0, quicklook=False), workers=1)
+    assert "quicklook_png" not in second.outputs
+    assert not first.outputs["quicklook_png"].exists() and not first.outputs["quicklook_tif"].exists()
+    assert second.outputs["master_linear"].exists()
