@@ -4,11 +4,10 @@ This is the CPU reference of the rejection stage. The clipping follows :func:`as
 ``cenfunc``/``stdfunc``/bounds/``maxiters`` semantics, checked against it in ``tests/test_stack.py``) but works per
 output pixel over the frame axis, the way the CUDA kernel will (one thread per output pixel, looping over the
 frames): each pixel's valid samples are sorted once, the kept set is then always a contiguous range of that sorted
-list, and the median, the MAD and the bound updates are index arithmetic and binary searches on it. NumPy does the
-per-pixel work for blocks of pixels at a time ("chunks", a fixed number of samples, so temporary memory does not
-grow with the image), optionally in threads. Every per-pixel result is independent of how the pixels are grouped,
-so the output is bit-identical for any chunk, tile or thread count. Formulas and measurements: METHODS.md,
-"Stacking".
+list, and the median, the MAD and the bound updates are index arithmetic on it. NumPy does the per-pixel work for
+blocks of pixels at a time ("chunks", a fixed number of samples, so temporary memory does not grow with the
+image), optionally in threads. Every per-pixel result is independent of how the pixels are grouped, so the output
+is bit-identical for any chunk, tile or thread count. Formulas and measurements: METHODS.md, "Stacking".
 """
 
 from __future__ import annotations
@@ -55,8 +54,9 @@ MAD_TO_STD = 1.482602218505602
 #: Samples (frames x pixels) per chunk of the clipping; bounds the temporaries of one worker.
 CHUNK_SAMPLES = 1 << 18
 
-#: Peak temporary bytes per chunk sample of one worker (sorted copy, masks, float64 sums and weights),
-#: measured with tracemalloc at 33 bytes (tests/test_stack.py checks the bound); the planner counts this.
+#: Peak temporary bytes per chunk sample of one worker (sorted copy, masks, float64 sums and weights): measured
+#: with tracemalloc at 26-28 bytes, 36-38 with weights (tests/test_stack.py checks the bound); the planner
+#: counts this.
 CLIP_BYTES_PER_SAMPLE = 48
 
 #: Default memory budget: this share of the available RAM ...
@@ -124,8 +124,9 @@ def _count_dtype(n_frames: int) -> type:
 def _frames_channels_pixels(stack: np.ndarray, name: str, other: np.ndarray | None) -> np.ndarray | None:
     """View ``other`` (valid or weights) as (N, C or 1, L) to match ``stack`` seen as (N, C, L).
 
-    Accepted shapes for a stack (N, *S): (N, *S) (one value per sample); and when S = (C, *R) has at least two
-    axes, (N, 1, *R) or (N, *R) (one value per frame and pixel, shared by the channels).
+    Accepted shapes for a stack (N, *S): (N, *S) (one value per sample); and for a stack with a channel axis,
+    S = (C, *R) with at least three axes (e.g. (C, h, w)), (N, 1, *R) or (N, *R) (one value per frame and
+    pixel, shared by the channels).
     """
     if other is None:
         return None
@@ -133,17 +134,17 @@ def _frames_channels_pixels(stack: np.ndarray, name: str, other: np.ndarray | No
     n, s = stack.shape[0], stack.shape[1:]
     if other.shape == stack.shape:
         return other.reshape(_fcl_shape(stack.shape))
-    if len(s) >= 2 and other.shape in ((n, 1) + s[1:], (n,) + s[1:]):
+    if len(s) >= 3 and other.shape in ((n, 1) + s[1:], (n,) + s[1:]):
         return other.reshape(n, 1, math.prod(s[1:]))
-    shared = f", {(n, 1) + s[1:]} or {(n,) + s[1:]}" if len(s) >= 2 else ""
+    shared = f", {(n, 1) + s[1:]} or {(n,) + s[1:]}" if len(s) >= 3 else ""
     raise ValueError(f"{name} has shape {other.shape}; for a stack of shape {stack.shape} it must be "
                      f"{stack.shape}{shared}")
 
 
 def _fcl_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
-    """(N, C, L) for a stack shape (N, C, *R) (two or more axes after N) or (N, *S) (C = 1)."""
+    """(N, C, L) for a stack shape (N, C, *R) (three or more axes after N) or (N, *S) (C = 1)."""
     n, s = shape[0], shape[1:]
-    if len(s) >= 2:
+    if len(s) >= 3:
         return n, s[0], math.prod(s[1:])
     return n, 1, math.prod(s)
 
@@ -191,10 +192,11 @@ class _Scratch:
         return buf[:size].reshape(shape)
 
 
-def _count(mask: np.ndarray, axis: int = 0) -> np.ndarray:
-    """Number of True along ``axis`` of a 2-D bool array (int32)."""
-    dtype = np.uint16 if mask.shape[axis] <= np.iinfo(np.uint16).max else np.uint32
-    return np.add.reduce(mask.view(np.uint8), axis=axis, dtype=dtype).astype(np.int32)
+def _count(mask: np.ndarray) -> np.ndarray:
+    """Number of True per column of an (N, m) bool array (int32; a uint8 sum is several times faster than
+    ``count_nonzero`` along axis 0)."""
+    dtype = np.uint16 if mask.shape[0] <= np.iinfo(np.uint16).max else np.uint32
+    return np.add.reduce(mask.view(np.uint8), axis=0, dtype=dtype).astype(np.int32)
 
 
 def _kth_deviation(flat: np.ndarray, base: np.ndarray, a: np.ndarray, b: np.ndarray, centre: np.ndarray,
@@ -233,16 +235,17 @@ def _sorted_rows(x: np.ndarray, xz: np.ndarray, ok: np.ndarray | None, cols: np.
                  scratch: _Scratch) -> np.ndarray:
     """(m, N) float32: each selected pixel's samples sorted, the invalid ones replaced by the largest float32
     (so the valid ones come first). ``cols`` selects chunk columns (None: all); ``ok`` None: all valid."""
-    x, xz, ok = _columns(x, cols), _columns(xz, cols), _columns(ok, cols)
-    if ok is not None:
+    if ok is None:
+        source = _columns(x, cols)
+    else:
+        ok = _columns(ok, cols)
         invalid = scratch.get("invalid", ok.shape, bool)
         np.logical_not(ok, out=invalid)
-        padded = scratch.get("padded", ok.shape, np.float32)
-        np.multiply(invalid, _FLOAT32_MAX, out=padded)
-        padded += xz  # valid: 0 + x; invalid: the largest float32 + 0
-        x = padded
-    rows = scratch.get("rows", x.shape[::-1], np.float32)
-    np.copyto(rows, x.T)
+        source = scratch.get("padded", ok.shape, np.float32)
+        np.multiply(invalid, _FLOAT32_MAX, out=source)
+        source += _columns(xz, cols)  # valid: 0 + x; invalid: the largest float32 + 0
+    rows = scratch.get("rows", source.shape[::-1], np.float32)
+    np.copyto(rows, source.T)
     rows.sort(axis=1)
     return rows
 
@@ -401,15 +404,21 @@ def _clip_chunk(x: np.ndarray, xz: np.ndarray, ok: np.ndarray | None, n_valid: n
     if sort_all:
         rows = _sorted_rows(x, xz, ok, cols, scratch)
         flat, base = rows.reshape(-1), np.arange(pix.size) * n_frames
-        median = _median(flat, base, zero, n)
+        if ok is None:  # all N samples valid everywhere: column views instead of gathers
+            median = 0.5 * (rows[:, n_frames // 2].astype(np.float64) + rows[:, (n_frames - 1) // 2])
+            largest = rows[:, -1]
+        else:
+            median = _median(flat, base, zero, n)
+            largest = flat[base + n - 1]
         if cfg.mad_std:
             std = _mad_std(flat, base, zero, n, median)
     centre = median if cfg.median else shift
     first_lo, first_hi = centre - cfg.sigma_lower * std, centre + cfg.sigma_upper * std
-    lo[pix], hi[pix] = first_lo, first_hi
-    # Pixels whose valid samples all lie within the first bounds are done: all kept.
+    every = slice(None) if cols is None else pix
+    lo[every], hi[every], n_kept[every], mean[every] = first_lo, first_hi, n, shift
+    # Pixels whose valid samples all lie within the first bounds are done: all kept (written above).
     if sort_all:
-        moved = (rows[:, 0] < first_lo) | (flat[base + n - 1] > first_hi)
+        moved = (rows[:, 0] < first_lo) | (largest > first_hi)
     else:
         lo32, hi32 = _float32_bounds(first_lo, first_hi)
         values = _columns(xz, cols)
@@ -419,8 +428,6 @@ def _clip_chunk(x: np.ndarray, xz: np.ndarray, ok: np.ndarray | None, n_valid: n
         if ok is not None:
             inside &= _columns(ok, cols)
         moved = _count(inside) != n
-    stay = np.flatnonzero(~moved)
-    n_kept[pix[stay]], mean[pix[stay]] = n[stay], shift[stay]
     row = np.flatnonzero(moved)
     if not row.size:
         return _ChunkClip(lo, hi, mean, n_kept)
@@ -436,8 +443,8 @@ def _clip_chunk(x: np.ndarray, xz: np.ndarray, ok: np.ndarray | None, n_valid: n
     use_sums = not (cfg.median and cfg.mad_std)
     # Rounding bound of the updated sums (s2 is a sum of positive terms at most s2_all; |s1| terms at most
     # sqrt(n s2_all)); each of the at most 2N additions and removals adds at most eps times that.
-    err = 4.0 * n_frames * np.finfo(np.float64).eps
-    err_s2, err_s1 = err * s2, err * np.sqrt(n * s2)
+    eps = np.finfo(np.float64).eps
+    err_s2, err_s1 = 4.0 * n_frames * eps * s2, 4.0 * n_frames * eps * np.sqrt(n * s2)
     _add_samples(flat, base, zero[: pix.size], a, -1.0, shift, s1, s2)
     _add_samples(flat, base, b, n, -1.0, shift, s1, s2)
     live = np.flatnonzero(a < b) if cfg.maxiters != 1 else np.zeros(0, np.intp)
@@ -457,11 +464,14 @@ def _clip_chunk(x: np.ndarray, xz: np.ndarray, ok: np.ndarray | None, n_valid: n
         new_lo, new_hi = centre - cfg.sigma_lower * std, centre + cfg.sigma_upper * std
         na, nb = _shrink(flat, lb_, la, lbb, new_lo, new_hi)
         if use_sums:
-            d_mean = err_s1[live] / count
+            # Error bound of these bounds against exact moments of the range, with a factor 2 to spare.
+            widest = max(cfg.sigma_lower, cfg.sigma_upper)
+            d_mean = err_s1[live] / count + eps * np.abs(centre)
             d_var = err_s2[live] / count + d_mean * (2.0 * np.abs(offset) + d_mean)
+            d_var += 4.0 * eps * (s2[live] / count + offset * offset)
             d_std = 0.0 if cfg.mad_std else d_var / (sum_std + np.sqrt(d_var))
-            tol = 2.0 * ((0.0 if cfg.median else d_mean) + max(cfg.sigma_lower, cfg.sigma_upper) * d_std)
-            tol += 4.0 * np.finfo(np.float64).eps * np.abs(centre)
+            tol = 2.0 * ((0.0 if cfg.median else d_mean) + widest * d_std)
+            tol += 4.0 * eps * (np.abs(centre) + widest * std)
             redo = np.flatnonzero(_near_bounds(flat, lb_, la, lbb, na, nb, new_lo, new_hi, tol))
             if redo.size:
                 exact_mean, exact_std = _range_moments(rows, row[live[redo]], la[redo], lbb[redo])
@@ -661,8 +671,8 @@ def sigma_clip_mask_aware(
         (N, ...) samples, float32 (other real dtypes are converted chunk by chunk); NaN and +-inf are invalid.
     valid : numpy.ndarray of bool, optional
         True where a sample is valid; only valid samples count. Shape ``stack.shape``, or, for a stack
-        (N, C, *R) with a channel axis (at least two axes after N), (N, 1, *R) or (N, *R): one flag per frame
-        and pixel, shared by the channels. None: every finite sample is valid.
+        (N, C, *R) with a channel axis (at least three axes after N, e.g. (N, C, h, w)), (N, 1, *R) or
+        (N, *R): one flag per frame and pixel, shared by the channels. None: every finite sample is valid.
     weights : numpy.ndarray, optional
         Per-sample weights of the mean (e.g. a feather taper), finite and >= 0, any shape ``valid`` accepts.
         They do not enter the rejection.
