@@ -377,6 +377,7 @@ def stack(
     debayer: Annotated[str, typer.Option(help="'rgb' (debayer each frame, then warp: strong rotation), 'bayer-first', 'superpixel' (half size) or 'none' (CFA master).")] = "rgb",
     align_mode: Annotated[str, typer.Option(help="'auto', 'integer' (even-pixel shifts) or 'rgb_affine'.")] = "auto",
     interpolation: Annotated[str, typer.Option(help="Warp kernel: 'bilinear' or 'bicubic' (sharper).")] = "bilinear",
+    demosaic: Annotated[str, typer.Option(help="Per-frame demosaic (--debayer rgb): 'bilinear' or 'mhc' (Malvar-He-Cutler, sharper).")] = "bilinear",
     normalisation: Annotated[str, typer.Option(help="Frame normalisation before rejection: 'additive', 'multiplicative' or 'none'.")] = "additive",
     weights: Annotated[str, typer.Option(help="Frame weights: 'none' or 'noise' (inverse variance).")] = "none",
     feather: Annotated[float, typer.Option(help="Feather frame edges over this many pixels (0: off).")] = 0.0,
@@ -420,7 +421,7 @@ def stack(
     config = StackConfig(
         keep=keep, score=score, reference=reference, align_mode=align_mode, max_fwhm=max_fwhm, min_stars=min_stars,
         max_eccentricity=max_eccentricity, min_transparency=min_transparency, max_background=max_background,
-        debayer=debayer, interpolation=interpolation, sigma=sigma, sigma_lower=sigma_lower, sigma_upper=sigma_upper,
+        debayer=debayer, interpolation=interpolation, demosaic=demosaic, sigma=sigma, sigma_lower=sigma_lower, sigma_upper=sigma_upper,
         maxiters=maxiters, cenfunc=cenfunc, stdfunc=stdfunc, normalisation=normalisation, weights=weights,
         feather_px=feather, crop=crop, memory_budget=parse_memory(memory_budget) if memory_budget else None,
         include_failed=include_failed, quicklook=not no_quicklook, stretch=stretch, scnr=scnr,

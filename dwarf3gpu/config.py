@@ -40,6 +40,9 @@ class StackConfig:
         mosaics, debayer the master; ``superpixel``: half-resolution RGB; ``none``: CFA master with BAYERPAT.
     interpolation : {"bilinear", "bicubic"}
         Warp kernel (bicubic is sharper).
+    demosaic : {"bilinear", "mhc"}
+        Per-frame demosaic of the ``rgb`` mode: normalised-convolution bilinear (default) or Malvar-He-Cutler
+        (sharper, linear; see METHODS.md, "Debayer").
     sigma, sigma_lower, sigma_upper, maxiters, cenfunc, stdfunc : sigma clipping
         astropy ``sigma_clip`` semantics; ``sigma_lower``/``sigma_upper`` default to ``sigma``. The default spread
         is ``mad_std``: with the plain standard deviation one outlier among N samples can never lie more than
@@ -81,6 +84,7 @@ class StackConfig:
     max_background: float | None = None
     debayer: str = "rgb"
     interpolation: str = "bilinear"
+    demosaic: str = "bilinear"
     sigma: float = 3.0
     sigma_lower: float | None = None
     sigma_upper: float | None = None
@@ -102,6 +106,7 @@ class StackConfig:
     def __post_init__(self):
         _choice("debayer", self.debayer, DEBAYER_MODES)
         _choice("interpolation", self.interpolation, ("bilinear", "bicubic"))
+        _choice("demosaic", self.demosaic, ("bilinear", "mhc"))
         _choice("cenfunc", self.cenfunc, ("median", "mean"))
         _choice("stdfunc", self.stdfunc, ("std", "mad_std"))
         _choice("normalisation", self.normalisation, ("additive", "multiplicative", "none"))

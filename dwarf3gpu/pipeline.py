@@ -27,7 +27,7 @@ from .backends import Backend, get_backend
 from .cache import file_identity, settings_hash
 from .color import background_neutral_gains
 from .config import StackConfig
-from .debayer import bayer_offsets, superpixel_transform
+from .debayer import bayer_offsets, debayer_mhc, superpixel_transform
 from .errors import ConfigError, SessionError
 from .fitsio import read_fits, read_layout, read_raw_uint16, write_fits
 from .register import even_pixel_shift
@@ -40,7 +40,7 @@ __all__ = ["StackResult", "stack_session", "load_transforms_file", "save_transfo
 
 ProgressCallback = Callable[[str, int, int], None]
 #: Extra source margin for a debayered band: interior pixels then equal a full-frame debayer bit for bit.
-DEBAYER_MARGIN = 2
+DEBAYER_MARGIN = 3
 
 
 @dataclass
@@ -359,7 +359,7 @@ def _stack(
 
 
 #: Settings that change the stacked pixels (the intermediate cache key).
-_STACK_KEYS = ("debayer", "interpolation", "sigma", "sigma_lower", "sigma_upper", "maxiters", "cenfunc", "stdfunc",
+_STACK_KEYS = ("debayer", "interpolation", "demosaic", "sigma", "sigma_lower", "sigma_upper", "maxiters", "cenfunc", "stdfunc",
                "normalisation", "weights", "feather_px", "crop")
 
 
@@ -396,7 +396,10 @@ class _FrameRenderer:
             warped, valid, weight = self.backend.warp_bayer_planes(band, self.pattern, A, (row1 - row0, width), **common)
             channel = _cfa_channel_map(self.pattern, row0, row1 - row0, width)
             return _normalise(warped[None], offset[channel], scale[channel]), valid, weight
-        rgb = self.backend.debayer_bilinear(band, self.pattern, origin=(r0, c0))
+        if self.config.demosaic == "mhc":
+            rgb = debayer_mhc(band, self.pattern, origin=(r0, c0))
+        else:
+            rgb = self.backend.debayer_bilinear(band, self.pattern, origin=(r0, c0))
         warped, valid, weight = self.backend.warp_affine(rgb, A, (row1 - row0, width), **common)
         return _normalise(warped, offset, scale), valid, weight
 
