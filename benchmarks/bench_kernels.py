@@ -1,0 +1,144 @@
+"""The CUDA C kernels' CPU build against the NumPy reference, per kernel, on full-size DWARF 3 frames.
+
+Run: ``python benchmarks/bench_kernels.py [--repeat 3] [--frames 40] [--tile-rows 256]``.
+
+Per kernel, on a 3856 x 2180 frame (the sigma clip on ``--frames`` frames of a ``--tile-rows`` x 3856 tile):
+the best wall time of ``--repeat`` runs of the NumPy reference (:mod:`dwarf3gpu.fitsio`, ``debayer``, ``stars``,
+``warp``, ``stack``) and of the CPU build of ``kernels/*.cu`` with every core and with one OpenMP thread; the
+kernel's full frames per second (for the clip, frame-sized inputs per second: ``frames x tile / frame``) and bytes
+moved per second (the kernel's input plus output bytes over its time). The clip is also compared with
+``astropy.stats.sigma_clip`` (``axis=0``, ``masked=False``, same options; then ``nanmean`` over the frames) on the
+same stack, with each one's peak extra memory from ``tracemalloc``. Nothing is asserted: the numbers are printed
+and saved to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tracemalloc
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from astropy.stats import sigma_clip
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_of, machine, print_table, save  # noqa: E402
+
+from dwarf3gpu import debayer, stack, stars, warp  # noqa: E402
+from dwarf3gpu.backends import native  # noqa: E402
+
+HEIGHT, WIDTH = 2180, 3856
+
+
+def _peak_mib(func: Callable[[], object]) -> float:
+    """Peak memory (MiB) that ``func`` allocates above what exists when it starts (tracemalloc)."""
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    func()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return (peak - base) / 2**20
+
+
+def _inputs(frames: int, tile_rows: int) -> dict[str, np.ndarray]:
+    """A raw frame (stored, decoded, debayered), a dark and flat, and a clip stack with outliers and a mask."""
+    rng = np.random.default_rng(0)
+    raw = rng.normal(3000, 300, (HEIGHT, WIDTH)).clip(0, 65535).astype(np.uint16)
+    stored = (raw.astype(np.int32) - 32768).astype(">i2")
+    mosaic = raw.astype(np.float32)
+    clip = rng.normal(1000, 30, (frames, tile_rows, WIDTH)).astype(np.float32)
+    clip[rng.random(clip.shape) < 0.02] += 3000
+    return {
+        "stored": stored,
+        "mosaic": mosaic,
+        "dark": rng.normal(500, 10, (HEIGHT, WIDTH)).astype(np.float32),
+        "flat": rng.uniform(0.9, 1.1, (HEIGHT, WIDTH)).astype(np.float32),
+        "rgb": debayer.debayer_bilinear(mosaic, "RGGB"),
+        "clip": clip,
+        "valid": rng.random(clip.shape) > 0.05,
+    }
+
+
+def _cases(ops, d: dict[str, np.ndarray], frames: int, tile_rows: int) -> list[tuple]:
+    """(name, reference, kernel, frame equivalents, bytes moved) per kernel."""
+    t = np.radians(10.0)
+    A = np.array([[np.cos(t), -np.sin(t), 30.0], [np.sin(t), np.cos(t), -20.0]])
+    px = HEIGHT * WIDTH
+    shape = (HEIGHT, WIDTH)
+    per_clip = frames * tile_rows / HEIGHT
+    clip_bytes = frames * tile_rows * WIDTH * 5 + tile_rows * WIDTH * 12  # float32 + mask in; mean + 2 counts out
+    return [
+        ("decode", lambda: np.add(d["stored"], np.float32(32768.0), dtype=np.float32),
+         lambda: ops.decode(d["stored"]), 1, px * 6),
+        ("decode + dark + flat",
+         lambda: (np.add(d["stored"], np.float32(32768.0), dtype=np.float32) - d["dark"]) / d["flat"],
+         lambda: ops.decode(d["stored"], d["dark"], d["flat"]), 1, px * 14),
+        ("debayer bilinear", lambda: debayer.debayer_bilinear(d["mosaic"], "RGGB"),
+         lambda: ops.debayer_bilinear(d["mosaic"], "RGGB"), 1, px * 16),
+        ("debayer superpixel", lambda: debayer.debayer_superpixel(d["mosaic"], "RGGB"),
+         lambda: ops.debayer_superpixel(d["mosaic"], "RGGB"), 1, px * 7),
+        ("luminance proxy", lambda: stars.luminance_proxy(d["mosaic"], "RGGB"),
+         lambda: ops.luminance_proxy(d["mosaic"], "RGGB"), 1, px * 5),
+        ("warp bilinear RGB + feather", lambda: warp.warp_affine(d["rgb"], A, shape, feather_px=20.0),
+         lambda: ops.warp_affine(d["rgb"], A, shape, feather_px=20.0), 1, px * 29),
+        ("warp bicubic RGB", lambda: warp.warp_affine(d["rgb"], A, shape, method="bicubic"),
+         lambda: ops.warp_affine(d["rgb"], A, shape, method="bicubic"), 1, px * 29),
+        ("warp Bayer planes bilinear", lambda: warp.warp_bayer_planes(d["mosaic"], "RGGB", A, shape),
+         lambda: ops.warp_bayer_planes(d["mosaic"], "RGGB", A, shape), 1, px * 13),
+        *[(f"sigma clip {frames} fr, {cen}/{spread}",
+           lambda cen=cen, spread=spread: stack.sigma_clip_mask_aware(d["clip"], d["valid"], cenfunc=cen,
+                                                                      stdfunc=spread),
+           lambda cen=cen, spread=spread: ops.sigma_clip(d["clip"], d["valid"], cenfunc=cen, stdfunc=spread),
+           per_clip, clip_bytes)
+          for cen, spread in [("median", "mad_std"), ("median", "std"), ("mean", "std")]],
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--frames", type=int, default=40)
+    parser.add_argument("--tile-rows", type=int, default=256)
+    args = parser.parse_args()
+    lib = native.load()
+    ops = native.native_ops()
+    d = _inputs(args.frames, args.tile_rows)
+    rows = []
+    for name, reference, kernel, frames, nbytes in _cases(ops, d, args.frames, args.tile_rows):
+        ref_s = best_of(reference, args.repeat)[0]
+        lib.set_threads(1)
+        one_s = best_of(kernel, args.repeat)[0]
+        lib.set_threads(0)
+        all_s = best_of(kernel, args.repeat)[0]
+        rows.append({"kernel": name, "numpy_s": ref_s, "cpu_build_s": all_s, "cpu_build_1thr_s": one_s,
+                     "speedup": ref_s / all_s, "frames_per_s": frames / all_s, "GB_per_s": nbytes / all_s / 1e9})
+    m = machine()
+    print_table(f"Kernels, CPU build vs NumPy, {WIDTH}x{HEIGHT}, {m['cpu']} ({m['cores']} cores)", rows)
+
+    clip_rows = []
+    stack_ = d["clip"]
+    for cen, spread in [("median", "mad_std"), ("median", "std"), ("mean", "std")]:
+        def astropy_clip(cen=cen, spread=spread):
+            clipped = sigma_clip(stack_, sigma=3.0, maxiters=5, cenfunc=cen, stdfunc=spread, axis=0, masked=False)
+            return np.nanmean(clipped, axis=0)
+
+        candidates = {
+            "astropy sigma_clip + nanmean": astropy_clip,
+            "dwarf3gpu NumPy reference": lambda cen=cen, spread=spread: stack.sigma_clip_mask_aware(
+                stack_, cenfunc=cen, stdfunc=spread),
+            "dwarf3gpu CPU build": lambda cen=cen, spread=spread: ops.sigma_clip(stack_, cenfunc=cen, stdfunc=spread),
+        }
+        for name, func in candidates.items():
+            seconds = best_of(func, 1 if name.startswith("astropy") else args.repeat)[0]
+            clip_rows.append({"clip": f"{cen}/{spread}", "implementation": name, "s": seconds,
+                              "extra_MiB": _peak_mib(func)})
+    print_table(f"Sigma clip of {stack_.shape[0]} x {stack_.shape[1]} x {stack_.shape[2]} float32 "
+                f"({stack_.nbytes / 2**20:.0f} MiB), no mask", clip_rows)
+    print("saved", save("kernels", rows, {"clip_vs_astropy": clip_rows, "args": vars(args)}))
+
+
+if __name__ == "__main__":
+    main()

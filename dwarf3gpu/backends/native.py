@@ -1,0 +1,268 @@
+"""The CPU target of the CUDA kernels: ``kernels/*.cu`` compiled as C++ with OpenMP and loaded with ctypes.
+
+The kernel files are compiled unchanged, in one translation unit, with ``kernels/cpu_shim.h`` defining the
+CUDA names they use; every entry point gets a launcher ``launch_<name>(gx, gy, gz, bx, by, bz, args...)``,
+generated here from the parsed signature, that runs the grid as an OpenMP loop over blocks. The library is
+built once per source hash into the user cache (``$XDG_CACHE_HOME/dwarf3gpu/native/<hash>/kernels.so``,
+default ``~/.cache``), atomically, so concurrent processes never see a partial file.
+
+It is both a fast CPU fallback and the oracle that tests the GPU kernels' exact logic on machines without a
+GPU. :meth:`NativeKernels.launch` checks every argument against the C signature the way a CuPy launch must
+be checked (:func:`dwarf3gpu.backends.kernels.check_args`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import BackendUnavailableError
+from . import kernels
+from .kernel_ops import KernelOps
+
+__all__ = [
+    "CXX_FLAGS",
+    "NativeKernels",
+    "cache_root",
+    "find_compiler",
+    "generate_launchers",
+    "build",
+    "load",
+    "unavailable_reason",
+    "native_ops",
+]
+
+CXX_FLAGS = ("-x", "c++", "-std=c++17", "-O3", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-ftls-model=initial-exec")
+"""Compiler flags of the CPU build. ``-ffp-contract=off``: no fused multiply-add, as the GPU's ``--fmad=false``."""
+
+_LIBRARY = "kernels.so"
+_SOURCE = "kernels_cpu.cpp"
+
+_CTYPES = {
+    "int": ctypes.c_int32,
+    "unsigned int": ctypes.c_uint32,
+    "long long": ctypes.c_int64,
+    "float": ctypes.c_float,
+    "double": ctypes.c_double,
+}
+
+_LAUNCHER = """
+extern "C" void launch_{name}(unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx,
+                              unsigned int by, unsigned int bz, {params}) {{
+    d3_run_grid(gx, gy, gz, bx, by, bz, [&] {{ {name}({args}); }});
+}}
+"""
+
+
+def cache_root() -> Path:
+    """Folder of the CPU builds: ``$XDG_CACHE_HOME/dwarf3gpu/native`` (default ``~/.cache/dwarf3gpu/native``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dwarf3gpu" / "native"
+
+
+def find_compiler() -> str | None:
+    """The C++ compiler to use: ``$CXX``, else ``g++`` or ``c++`` on the PATH; None when there is none."""
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_version(compiler: str) -> str:
+    """First line of ``<compiler> --version`` (part of the cache key)."""
+    result = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False)
+    return (result.stdout or result.stderr).splitlines()[0] if (result.stdout or result.stderr) else compiler
+
+
+def generate_launchers(signatures: dict[str, kernels.Signature], files: Sequence[Path]) -> str:
+    """The C++ translation unit of the CPU build: the shim, every kernel file, then one launcher per kernel.
+
+    Parameters
+    ----------
+    signatures : dict
+        Kernel name -> signature (:func:`dwarf3gpu.backends.kernels.load_signatures`).
+    files : sequence of pathlib.Path
+        The ``.cu`` files, included in this order.
+
+    Returns
+    -------
+    str
+        C++ source text.
+    """
+    lines = ['#include "cpu_shim.h"']
+    lines += [f'#include "{path.name}"' for path in files]
+    lines.append('\nextern "C" void d3_set_num_threads(int n) { d3_cpu_threads = n; }')
+    for sig in signatures.values():
+        args = ", ".join(p.name for p in sig.params)
+        lines.append(_LAUNCHER.format(name=sig.name, params=sig.c_declaration(), args=args).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def build(directory: Path | None = None, root: Path | None = None) -> Path:
+    """Compile the CPU target (if not cached yet) and return the shared library's path.
+
+    Parameters
+    ----------
+    directory : pathlib.Path, optional
+        Kernel sources (default :func:`dwarf3gpu.backends.kernels.kernel_dir`).
+    root : pathlib.Path, optional
+        Cache folder (default :func:`cache_root`).
+
+    Returns
+    -------
+    pathlib.Path
+        ``<root>/<hash>/kernels.so``, the hash covering the sources, the generated launchers, the compiler's
+        version and the flags. The generated ``kernels_cpu.cpp`` lies beside it.
+
+    Raises
+    ------
+    BackendUnavailableError
+        No C++ compiler, or the compilation failed (the compiler's messages are in the error).
+    """
+    directory = Path(directory or kernels.kernel_dir()).resolve()
+    compiler = find_compiler()
+    if compiler is None:
+        raise BackendUnavailableError("no C++ compiler found (set CXX or install g++) to build the CPU kernels")
+    files = kernels.kernel_files(directory)
+    source = generate_launchers(kernels.load_signatures(directory), files)
+    key = kernels.sources_hash(directory, extra="\0".join([_compiler_version(compiler), *CXX_FLAGS, source]))
+    target = Path(root or cache_root()) / key[:24]
+    library = target / _LIBRARY
+    if library.is_file():
+        return library
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target, prefix=".build-") as tmp:
+        cpp, so = Path(tmp) / _SOURCE, Path(tmp) / _LIBRARY
+        cpp.write_text(source)
+        command = [compiler, *CXX_FLAGS, f"-I{directory}", str(cpp), "-o", str(so)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise BackendUnavailableError(
+                f"building the CPU kernels failed ({' '.join(command)}):\n{(result.stderr or result.stdout)[-4000:]}"
+            )
+        os.replace(cpp, target / _SOURCE)
+        os.replace(so, library)
+    return library
+
+
+class NativeKernels:
+    """The loaded CPU build: launch kernels by name with checked arguments.
+
+    Parameters
+    ----------
+    library : pathlib.Path
+        Shared library from :func:`build`.
+    signatures : dict
+        Kernel name -> signature of the sources it was built from.
+    """
+
+    def __init__(self, library: Path, signatures: dict[str, kernels.Signature]):
+        self.path = Path(library)
+        self.signatures = signatures
+        self._lib = ctypes.CDLL(str(self.path))
+        self._functions = {}
+        for name, sig in signatures.items():
+            function = getattr(self._lib, f"launch_{name}")
+            function.argtypes = [ctypes.c_uint32] * 6 + [
+                ctypes.c_void_p if p.pointer else _CTYPES[p.ctype] for p in sig.params
+            ]
+            function.restype = None
+            self._functions[name] = function
+        self._lib.d3_set_num_threads.argtypes = [ctypes.c_int]
+
+    def set_threads(self, n: int) -> None:
+        """Use ``n`` OpenMP threads per launch (0: OpenMP's default, ``OMP_NUM_THREADS`` or every core)."""
+        self._lib.d3_set_num_threads(int(n))
+
+    def launch(self, name: str, grid: Sequence[int], block: Sequence[int], *args: Any) -> None:
+        """Run kernel ``name`` over ``grid`` blocks of ``block`` threads, like a CUDA launch.
+
+        Parameters
+        ----------
+        name : str
+            Kernel entry point.
+        grid, block : sequence of int
+            1 to 3 positive sizes each (x, y, z).
+        *args
+            The kernel's arguments: NumPy scalars of exactly the C types, C-contiguous NumPy arrays of the
+            pointee dtypes (see :func:`dwarf3gpu.backends.kernels.check_args`).
+
+        Raises
+        ------
+        KeyError
+            Unknown kernel.
+        TypeError
+            An argument does not match the C signature (e.g. a Python int for an ``int``).
+        ValueError
+            A grid or block size that is not 1 to 3 positive integers.
+        """
+        if name not in self.signatures:
+            raise KeyError(f"unknown kernel {name!r}; known: {', '.join(sorted(self.signatures))}")
+        sig = self.signatures[name]
+        kernels.check_args(sig, args, np.ndarray)
+        dims = [_dims(grid, "grid"), _dims(block, "block")]
+        values = [a.ctypes.data if p.pointer else a.item() for p, a in zip(sig.params, args)]
+        self._functions[name](*dims[0], *dims[1], *values)
+
+
+def _dims(sizes: Sequence[int], what: str) -> tuple[int, int, int]:
+    """(x, y, z) from 1 to 3 positive integers."""
+    sizes = tuple(int(s) for s in sizes)
+    if not 1 <= len(sizes) <= 3 or min(sizes) < 1 or max(sizes) >= 2**32:
+        raise ValueError(f"{what} must be 1 to 3 positive sizes below 2**32, got {sizes}")
+    return sizes + (1,) * (3 - len(sizes))
+
+
+_LOADED: dict[Path, NativeKernels] = {}
+
+
+def load(directory: Path | None = None, root: Path | None = None) -> NativeKernels:
+    """Build (when needed) and load the CPU kernels; memoized per library file.
+
+    Parameters
+    ----------
+    directory : pathlib.Path, optional
+        Kernel sources (default :func:`dwarf3gpu.backends.kernels.kernel_dir`).
+    root : pathlib.Path, optional
+        Cache folder (default :func:`cache_root`).
+
+    Raises
+    ------
+    BackendUnavailableError
+        No sources, no compiler, or the build failed.
+    """
+    directory = Path(directory or kernels.kernel_dir()).resolve()
+    library = build(directory, root)
+    if library not in _LOADED:
+        _LOADED[library] = NativeKernels(library, kernels.load_signatures(directory))
+    return _LOADED[library]
+
+
+def unavailable_reason(directory: Path | None = None, root: Path | None = None) -> str:
+    """Why the CPU kernels cannot run here ("" when they can; this builds them if needed)."""
+    try:
+        load(directory, root)
+    except BackendUnavailableError as exc:
+        return str(exc)
+    return ""
+
+
+def native_ops(directory: Path | None = None, root: Path | None = None) -> KernelOps:
+    """The stage operations (decode, debayer, warp, sigma clip, statistics) on the CPU build.
+
+    Raises
+    ------
+    BackendUnavailableError
+        See :func:`load`.
+    """
+    native = load(directory, root)
+    return KernelOps(native.launch, np, kernels.define_value("D3_CLIP_MAX_FRAMES", directory))

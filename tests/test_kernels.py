@@ -1,0 +1,459 @@
+"""The CUDA C kernels through their CPU build, against the NumPy reference implementations.
+
+The CPU build compiles the very files the GPU runs (kernels/*.cu), so these tests check the GPU kernels' logic
+on any machine with a C++ compiler. Tolerances: decode, debayer (bilinear, superpixel, luminance proxy), warps
+(bilinear, bicubic, Bayer planes; image, mask and feather weight) and histograms are bit-identical; sigma
+clipping has identical coverage and rejection counts (the bounds are bit-identical for median/mad_std; with a
+std spread they differ by float64 rounding, which only a sample within ~1e-15 of a bound could notice) and
+means within 1e-6 relative (float32 rounding of float64 sums taken in another order); moments within 1e-12.
+Also: argument type checks, the source search order, compiler messages naming the file, ``nvcc --ptx`` of
+every kernel for sm_80 and sm_90, and a built wheel that ships and finds the sources.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dwarf3gpu import stack as stack_module
+from dwarf3gpu.backends import kernels, native
+from dwarf3gpu.debayer import debayer_bilinear, debayer_superpixel
+from dwarf3gpu.errors import BackendUnavailableError
+from dwarf3gpu.fitsio import read_fits, read_layout, write_raw_uint16
+from dwarf3gpu.stars import luminance_proxy
+from dwarf3gpu.warp import shift_integer, source_window, warp_affine, warp_bayer_planes, window_margin
+
+REPO = Path(__file__).resolve().parents[1]
+PATTERNS = ("RGGB", "GRBG", "GBRG", "BGGR")
+METHODS = ("bilinear", "bicubic")
+# Shapes that are not multiples of the 32 x 8 block, plus one-pixel edges.
+SHAPES = [(37, 53), (9, 1), (1, 9), (1, 1), (2, 3), (3, 2)]
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    """The CPU build, compiled into a fresh cache folder (skips without a C++ compiler)."""
+    if native.find_compiler() is None:
+        pytest.skip("no C++ compiler (g++, c++ or $CXX) to build the CPU target of the kernels")
+    return native.load(root=tmp_path_factory.mktemp("native-cache"))
+
+
+@pytest.fixture(scope="module")
+def ops(lib):
+    """Stage operations on the CPU build."""
+    return native.native_ops(root=lib.path.parents[1])
+
+
+def rigid(theta_deg: float, tx: float, ty: float) -> np.ndarray:
+    """Rotation about the origin then translation, frame -> reference."""
+    t = np.radians(theta_deg)
+    return np.array([[np.cos(t), -np.sin(t), tx], [np.sin(t), np.cos(t), ty]])
+
+
+def assert_same(actual, expected):
+    """Bit-identical arrays of the same dtype and shape (NaN where NaN)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    np.testing.assert_array_equal(actual, expected, strict=True)
+
+
+# --------------------------------------------------------------------------------------------------- decode
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (1, 1), (3, 1)])
+def test_decode_matches_read_fits(ops, tmp_path, shape):
+    data = np.random.default_rng(1).integers(0, 65536, size=shape, dtype=np.uint16)
+    data.flat[0], data.flat[-1] = 0, 65535
+    path = write_raw_uint16(data, tmp_path / "frame.fits")
+    layout = read_layout(path)
+    stored = np.fromfile(path, ">u2", count=data.size, offset=layout.data_offset).reshape(shape)
+    assert_same(ops.decode(stored), read_fits(path).data)
+    assert_same(ops.decode(stored.view(np.uint8).ravel(), shape=shape), read_fits(path).data)
+
+
+def test_decode_fused_calibration(ops):
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 65536, size=(29, 41), dtype=np.uint16)
+    stored = (data.astype(np.int32) - 32768).astype(">i2")
+    dark = rng.normal(500, 20, data.shape).astype(np.float32)
+    flat = rng.uniform(0.8, 1.2, data.shape).astype(np.float32)
+    value = data.astype(np.float32)
+    assert_same(ops.decode(stored, dark=dark), value - dark)
+    assert_same(ops.decode(stored, flat=flat), value / flat)
+    assert_same(ops.decode(stored, dark=dark, flat=flat), (value - dark) / flat)
+    with pytest.raises(ValueError, match="already decoded"):
+        ops.decode(data.astype(np.int16))
+
+
+# -------------------------------------------------------------------------------------------------- debayer
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide")  # colours absent from tiny bands: NaN
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_debayer_bilinear_bit_identical(ops, pattern, shape):
+    rng = np.random.default_rng(hash((pattern, shape)) % 2**32)
+    mosaic = rng.integers(0, 65536, size=shape, dtype=np.uint16)
+    for origin in [(0, 0), (1, 0), (0, 1), (1, 1), (4, 7)]:
+        assert_same(ops.debayer_bilinear(mosaic, pattern, origin), debayer_bilinear(mosaic, pattern, origin))
+
+
+def test_debayer_bilinear_nan_and_float(ops):
+    mosaic = np.random.default_rng(3).normal(0, 1000, (23, 31)).astype(np.float32)
+    mosaic[5, 7] = np.nan
+    mosaic[0, 0] = -np.inf
+    for pattern in PATTERNS:
+        assert_same(ops.debayer_bilinear(mosaic, pattern, (3, 2)), debayer_bilinear(mosaic, pattern, (3, 2)))
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(38, 54)])
+def test_superpixel_and_luminance_bit_identical(ops, shape):
+    mosaic = np.random.default_rng(4).integers(0, 65536, size=shape, dtype=np.uint16)
+    for pattern in PATTERNS:
+        assert_same(ops.debayer_superpixel(mosaic, pattern), debayer_superpixel(mosaic, pattern))
+        assert_same(ops.luminance_proxy(mosaic, pattern), luminance_proxy(mosaic, pattern))
+    assert_same(ops.luminance_proxy(mosaic, None), luminance_proxy(mosaic, None))
+
+
+# ----------------------------------------------------------------------------------------------------- warp
+
+
+def _warp_cases():
+    return [
+        (rigid(17.0, 5.3, -7.1), (50, 70), (2, -3)),
+        (rigid(-101.0, 60.2, 20.7), (33, 45), (0, 0)),
+        (np.array([[1.02, 0.03, 0.6], [-0.01, 0.97, 1.4]]), (64, 49), (-5, 7)),
+    ]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("feather", [0.0, 3.5])
+def test_warp_affine_bit_identical(ops, method, feather):
+    rng = np.random.default_rng(5)
+    image = rng.normal(1000, 100, (3, 61, 47)).astype(np.float32)
+    image[1, 30, 20] = np.nan
+    for A, out_shape, out_origin in _warp_cases():
+        for src in (image, image[0]):
+            got = ops.warp_affine(src, A, out_shape, out_origin=out_origin, method=method, feather_px=feather)
+            want = warp_affine(src, A, out_shape, out_origin=out_origin, method=method, feather_px=feather)
+            for g, w in zip(got, want):
+                assert_same(g, w)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_warp_affine_band_and_edges(ops, method):
+    frame = np.random.default_rng(6).normal(500, 50, (80, 90)).astype(np.float32)
+    A = rigid(9.0, 3.7, -2.2)
+    out_shape, out_origin = (21, 37), (30, 25)
+    r0, r1, c0, c1 = source_window(A, out_shape, out_origin, frame.shape, window_margin(method))
+    band = frame[r0:r1, c0:c1]
+    kw = dict(out_origin=out_origin, src_origin=(r0, c0), src_size=frame.shape, method=method, feather_px=2.0)
+    got, want = ops.warp_affine(band, A, out_shape, **kw), warp_affine(band, A, out_shape, **kw)
+    for g, w in zip(got, want):
+        assert_same(g, w)
+    whole = ops.warp_affine(frame, A, out_shape, out_origin=out_origin, method=method, feather_px=2.0)
+    for g, w in zip(got, whole):
+        assert_same(g, w)
+    with pytest.raises(ValueError, match="lacks taps"):
+        ops.warp_affine(band[3:], A, out_shape, **{**kw, "src_origin": (r0 + 3, c0)})
+    # one-pixel sources and tiles
+    for shape in [(1, 1), (1, 6), (6, 1)]:
+        src = frame[: shape[0], : shape[1]]
+        for out in [(1, 1), (3, 7)]:
+            got = ops.warp_affine(src, rigid(0.0, 0.0, 0.0), out, method=method)
+            for g, w in zip(got, warp_affine(src, rigid(0.0, 0.0, 0.0), out, method=method)):
+                assert_same(g, w)
+
+
+def test_warp_integer_shift_is_exact(ops):
+    frame = np.random.default_rng(7).normal(0, 1e4, (40, 50)).astype(np.float32)
+    for method in METHODS:
+        warped, valid, _ = ops.warp_affine(frame, rigid(0.0, 3.0, -2.0), (40, 50), method=method)
+        shifted, shift_valid = shift_integer(frame, 3, -2, (40, 50))
+        inner = valid & shift_valid
+        assert inner.sum() > 1000
+        np.testing.assert_array_equal(warped[inner], shifted[inner])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_warp_bayer_planes_bit_identical(ops, method, pattern):
+    mosaic = np.random.default_rng(8).integers(0, 65536, (57, 66), dtype=np.uint16)
+    A = rigid(23.0, 4.4, -1.9)
+    for out_shape, out_origin, feather in [((41, 55), (3, -2), 0.0), ((40, 31), (0, 1), 4.0), ((1, 1), (5, 5), 0.0)]:
+        got = ops.warp_bayer_planes(mosaic, pattern, A, out_shape, out_origin=out_origin, method=method,
+                                    feather_px=feather)
+        want = warp_bayer_planes(mosaic, pattern, A, out_shape, out_origin=out_origin, method=method,
+                                 feather_px=feather)
+        for g, w in zip(got, want):
+            assert_same(g, w)
+    out_shape, out_origin = (15, 20), (35, 10)
+    r0, r1, c0, c1 = source_window(A, out_shape, out_origin, mosaic.shape, window_margin(method, bayer_planes=True))
+    assert r0 >= 2
+    r0 -= 1  # an odd band origin
+    kw = dict(out_origin=out_origin, src_origin=(r0, c0), src_size=mosaic.shape, method=method, feather_px=3.0)
+    got = ops.warp_bayer_planes(mosaic[r0:r1, c0:c1], pattern, A, out_shape, **kw)
+    for g, w in zip(got, warp_bayer_planes(mosaic[r0:r1, c0:c1], pattern, A, out_shape, **kw)):
+        assert_same(g, w)
+
+
+# ------------------------------------------------------------------------------------------------- stacking
+
+
+def _stack(rng, shape, integer=False):
+    """Frames of noise with outliers (hot pixels, trails) and a few NaN samples."""
+    data = rng.normal(1000, 30, shape)
+    data[rng.random(shape) < 0.05] += rng.uniform(200, 5000)
+    if integer:
+        data = np.round(data)
+    data = data.astype(np.float32)
+    data[rng.random(shape) < 0.01] = np.nan
+    return data
+
+
+def assert_clip_equal(got, want):
+    assert_same(got.coverage, want.coverage)
+    assert_same(got.rejected, want.rejected)
+    assert got.mean.dtype == np.float32
+    np.testing.assert_allclose(got.mean, want.mean, rtol=1e-6, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("cenfunc", stack_module.CENFUNCS)
+@pytest.mark.parametrize("stdfunc", stack_module.STDFUNCS)
+def test_sigma_clip_matches_reference(ops, cenfunc, stdfunc):
+    rng = np.random.default_rng(9)
+    n = 17
+    data = _stack(rng, (n, 3, 13, 29))
+    data[:, :, 0, 0] = np.nan  # a pixel without samples
+    data[:-1, 1, 0, 1] = np.nan  # a pixel with one sample
+    valid_shared = rng.random((n, 1, 13, 29)) > 0.2
+    valid_full = rng.random(data.shape) > 0.1
+    weights = rng.uniform(0, 1, (n, 13, 29)).astype(np.float32)
+    frame_weights = rng.uniform(0.5, 2, n)
+    cases = [
+        dict(),
+        dict(valid=valid_shared),
+        dict(valid=valid_full, maxiters=None, sigma_lower=2.0, sigma_upper=2.5),
+        dict(valid=valid_shared, weights=weights),
+        dict(frame_weights=frame_weights, maxiters=1),
+        dict(valid=valid_full, weights=weights, frame_weights=frame_weights, sigma=2.0),
+    ]
+    for kw in cases:
+        kw = dict(cenfunc=cenfunc, stdfunc=stdfunc, **kw)
+        want = stack_module.sigma_clip_mask_aware(data, **kw)
+        assert want.rejected.sum() > 0
+        assert_clip_equal(ops.sigma_clip(data, **kw), want)
+
+
+def test_sigma_clip_integer_data_and_shapes(ops):
+    """ADU-valued data (ties between samples) and stacks of other ranks and sizes."""
+    rng = np.random.default_rng(10)
+    for shape in [(40, 1000), (1, 7), (5, 1, 1), (12, 2, 3, 5)]:
+        data = _stack(rng, shape, integer=True)
+        for cenfunc, stdfunc in [("median", "mad_std"), ("median", "std"), ("mean", "std")]:
+            kw = dict(cenfunc=cenfunc, stdfunc=stdfunc, sigma=2.5)
+            assert_clip_equal(ops.sigma_clip(data, **kw), stack_module.sigma_clip_mask_aware(data, **kw))
+
+
+def test_sigma_clip_frame_limit(ops):
+    data = np.random.default_rng(11).normal(0, 1, (ops.clip_max_frames + 1, 6)).astype(np.float32)
+    with pytest.raises(ValueError, match="at most"):
+        ops.sigma_clip(data, cenfunc="median")
+    kw = dict(cenfunc="mean", stdfunc="std")
+    assert_clip_equal(ops.sigma_clip(data, **kw), stack_module.sigma_clip_mask_aware(data, **kw))
+
+
+def test_results_do_not_depend_on_thread_count(lib, ops):
+    rng = np.random.default_rng(12)
+    data = _stack(rng, (21, 3001))
+    image = rng.normal(0, 1, (3, 70, 90)).astype(np.float32)
+    results = []
+    for threads in (1, 2, 0):
+        lib.set_threads(threads)
+        results.append((ops.sigma_clip(data, cenfunc="mean"), ops.warp_affine(image, rigid(31.0, 2.0, 1.0), (70, 90)),
+                        ops.moments(data), ops.histogram(data, 50, (900.0, 1100.0))[0]))
+    lib.set_threads(0)
+    for other in results[1:]:
+        assert_same(other[0].mean, results[0][0].mean)
+        for g, w in zip(other[1], results[0][1]):
+            assert_same(g, w)
+        assert other[2] == results[0][2]
+        assert_same(other[3], results[0][3])
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def test_histogram_and_moments(ops):
+    rng = np.random.default_rng(13)
+    values = rng.normal(1000, 50, 200_003).astype(np.float32)
+    values[:100] = np.nan
+    values[100:110] = np.inf
+    values[110:120] = 900.0  # on the first edge
+    values[120:130] = 1100.0  # on the last edge (closed)
+    for bins, lo, hi in [(64, 900.0, 1100.0), (7, 950.5, 1000.25), (1, -1e9, 1e9)]:
+        counts, edges = ops.histogram(values, bins, (lo, hi))
+        want, want_edges = np.histogram(values, bins, range=(np.float64(lo), np.float64(hi)))
+        assert_same(counts, want.astype(np.int64))
+        assert_same(edges, want_edges)
+    finite = values[np.isfinite(values)].astype(np.float64)
+    count, mean, std = ops.moments(values, shift=1000.0)
+    assert count == finite.size
+    np.testing.assert_allclose([mean, std], [finite.mean(), finite.std()], rtol=1e-12)
+    assert ops.moments(np.full(10, np.nan, np.float32))[0] == 0
+
+
+# ------------------------------------------------------------------------------------------ launch checking
+
+
+def test_launch_checks_argument_types(lib):
+    out = np.empty(4, np.float32)
+    raw = np.zeros(8, np.uint8)
+    dummy = np.zeros(1, np.float32)
+    good = [raw, np.int32(4), dummy, np.int32(0), dummy, np.int32(0), out]
+    lib.launch("d3_decode_bzero16", (1,), (256,), *good)
+    np.testing.assert_array_equal(out, np.float32(32768.0))
+
+    def call(index, value):
+        args = list(good)
+        args[index] = value
+        lib.launch("d3_decode_bzero16", (1,), (256,), *args)
+
+    with pytest.raises(TypeError, match=r"d3_decode_bzero16, argument 'n' \(C type int\) needs numpy.int32, got Python int"):
+        call(1, 4)
+    with pytest.raises(TypeError, match="needs numpy.int32, got numpy.int64"):
+        call(1, np.int64(4))
+    with pytest.raises(TypeError, match="argument 'out'.*needs dtype float32"):
+        call(6, np.empty(4, np.float64))
+    with pytest.raises(TypeError, match="C-contiguous"):
+        call(6, np.empty(8, np.float32)[::2])
+    read_only = np.empty(4, np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(TypeError, match="read-only"):
+        call(6, read_only)
+    with pytest.raises(TypeError, match="needs a C-contiguous uint8 array, got Python list"):
+        call(0, [0] * 8)
+    with pytest.raises(TypeError, match="takes 7 arguments"):
+        lib.launch("d3_decode_bzero16", (1,), (256,), *good[:-1])
+    with pytest.raises(TypeError, match=r"'feather_px' \(C type double\) needs numpy.float64, got Python float"):
+        kernels.check_args(lib.signatures["d3_warp_affine"],
+                           [a if p.name != "feather_px" else 1.5 for p, a in
+                            zip(lib.signatures["d3_warp_affine"].params, _warp_args())])
+
+
+def _warp_args():
+    """A well-typed argument list for d3_warp_affine (only its types matter)."""
+    f32, u8 = np.zeros(1, np.float32), np.zeros(1, np.uint8)
+    i = np.int32(1)
+    return [f32, i, i, i, i, i, i, i, np.zeros(6), i, i, i, i, i, np.float64(0.0), f32, u8, f32]
+
+
+def test_signature_parsing():
+    source = """
+    // extern "C" __global__ void commented_out(int a)
+    extern "C" __global__ void k(const float* x,   // input
+                                 unsigned char* mask, long long n, double s /* scale */) {}
+    """
+    (sig,) = kernels.parse_signatures(source).values()
+    assert sig.name == "k"
+    assert [(p.ctype, p.name, p.dtype) for p in sig.params] == [
+        ("const float*", "x", np.float32), ("unsigned char*", "mask", np.uint8), ("long long", "n", np.int64),
+        ("double", "s", np.float64)]
+    assert sig.params[0].const and sig.params[1].pointer and not sig.params[2].pointer
+    with pytest.raises(ValueError, match="unsupported type"):
+        kernels.parse_signatures('extern "C" __global__ void k(size_t n) {}')
+    names = set(kernels.load_signatures(REPO / "kernels"))
+    assert {"d3_decode_bzero16", "d3_debayer_bilinear", "d3_debayer_superpixel", "d3_luminance_proxy",
+            "d3_warp_affine", "d3_warp_bayer_planes", "d3_sigma_clip", "d3_segment_moments",
+            "d3_segment_histogram"} <= names
+
+
+def test_geometry():
+    assert kernels.grid_1d(257) == ((2, 1, 1), (256, 1, 1))
+    assert kernels.grid_2d(9, 33) == ((2, 2, 1), (32, 8, 1))
+    with pytest.raises(ValueError):
+        kernels.grid_2d(0, 5)
+
+
+# --------------------------------------------------------------------------------------- sources and builds
+
+
+def test_kernel_dir_search_order(tmp_path, monkeypatch):
+    monkeypatch.delenv(kernels.KERNEL_DIR_ENV, raising=False)
+    assert kernels.kernel_dir() == REPO / "kernels"
+    for path in (REPO / "kernels").iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    monkeypatch.setenv(kernels.KERNEL_DIR_ENV, str(tmp_path))
+    assert kernels.kernel_dir() == tmp_path
+    assert kernels.read_source(tmp_path / "decode.cu").startswith(f'#line 1 "{tmp_path / "decode.cu"}"\n')
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv(kernels.KERNEL_DIR_ENV, str(empty))
+    monkeypatch.setattr(kernels, "_candidate_dirs", lambda: [empty, tmp_path / "nowhere"])
+    with pytest.raises(BackendUnavailableError, match=f"looked in: {empty}; {tmp_path / 'nowhere'}"):
+        kernels.kernel_dir()
+
+
+def test_compiler_errors_name_the_file(lib, tmp_path):
+    for path in (REPO / "kernels").iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    broken = tmp_path / "broken.cu"
+    broken.write_text('#include "common.cuh"\nextern "C" __global__ void d3_broken(int n) { undeclared = n; }\n')
+    with pytest.raises(BackendUnavailableError, match=r"broken\.cu:2"):
+        native.build(tmp_path, tmp_path / "cache")
+
+
+KERNEL_FILES = kernels.kernel_files(REPO / "kernels")
+
+
+@pytest.mark.parametrize("path", KERNEL_FILES, ids=lambda p: p.name)
+def test_each_kernel_file_compiles_as_cpp(path):
+    compiler = native.find_compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler (g++, c++ or $CXX)")
+    cpu = subprocess.run([compiler, *native.CXX_FLAGS[:-1], "-fsyntax-only", "-Wall", "-Werror",
+                          f"-I{REPO / 'kernels'}", str(path)], capture_output=True, text=True)
+    assert cpu.returncode == 0, cpu.stderr
+
+
+@pytest.mark.parametrize("path", KERNEL_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_each_kernel_file_compiles_with_nvcc(path, arch, tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on the PATH")
+    ptx = tmp_path / f"{path.stem}.ptx"
+    result = subprocess.run([nvcc, "--ptx", f"-arch={arch}", *kernels.NVRTC_OPTIONS, "-I", str(REPO / "kernels"),
+                             str(path), "-o", str(ptx)], capture_output=True, text=True)
+    assert result.returncode == 0, f"nvcc {arch}: {result.stderr}"
+    assert ".entry d3_" in ptx.read_text()
+
+
+@pytest.mark.slow
+def test_wheel_ships_and_finds_the_kernels(tmp_path):
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(dist), "-q"], check=True, capture_output=True)
+    (wheel,) = dist.glob("dwarf3gpu-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in (REPO / "kernels").iterdir():
+        if path.suffix in (".cu", ".cuh", ".h"):
+            assert f"dwarf3gpu/kernels/{path.name}" in names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel), "-q"],
+                   check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != kernels.KERNEL_DIR_ENV}
+    env["PYTHONPATH"] = str(target)
+    code = ("import dwarf3gpu; from dwarf3gpu.backends import kernels; "
+            "print(dwarf3gpu.__file__); print(kernels.kernel_dir()); print(len(kernels.load_signatures()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True,
+                         text=True).stdout.split()
+    assert Path(out[0]).is_relative_to(target)
+    assert Path(out[1]) == target / "dwarf3gpu" / "kernels"
+    assert int(out[2]) == len(kernels.load_signatures(REPO / "kernels"))
