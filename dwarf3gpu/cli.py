@@ -397,6 +397,7 @@ def stack(
     color_matrix: Annotated[str, typer.Option(help="Preview colour-matrix preset.")] = "identity",
     use_gpu: Annotated[bool, typer.Option("--use-gpu", help="Use the NVIDIA GPU (falls back to the CPU with a reason when it cannot).")] = False,
     backend: Annotated[str, typer.Option(help="Compute backend: 'auto', 'cpu' or 'cuda'.")] = "auto",
+    device: Annotated[int, typer.Option(help="CUDA device number (with --backend cuda/auto or --use-gpu).")] = 0,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write caches.")] = False,
     cache_refresh: Annotated[bool, typer.Option("--cache-refresh", help="Recompute everything and overwrite the caches.")] = False,
     frame_list: Annotated[Optional[Path], typer.Option(help="Stack only the frames named in this file (one per line; see frames --save).")] = None,
@@ -425,7 +426,7 @@ def stack(
         maxiters=maxiters, cenfunc=cenfunc, stdfunc=stdfunc, normalisation=normalisation, weights=weights,
         feather_px=feather, crop=crop, memory_budget=parse_memory(memory_budget) if memory_budget else None,
         include_failed=include_failed, quicklook=not no_quicklook, stretch=stretch, scnr=scnr,
-        color_matrix=color_matrix, backend=backend,
+        color_matrix=color_matrix, backend=backend, device=device,
     )
     names = None
     if frame_list is not None:
@@ -571,3 +572,28 @@ def cache(
             frames = f"{len(list(path.iterdir()))} stack(s)"
         table.add_row(path.name, what, frames, f"{size / 1e6:.1f} MB")
     console.print(table)
+
+
+@command(
+    epilog=(
+        "Examples:\n\n"
+        "  dwarf3 doctor            # versions, GPU, compilers, kernel builds, self-test, verdict\n\n"
+        "Exit code 0 when the CPU path works (the GPU is optional), 1 otherwise."
+    )
+)
+def doctor() -> None:
+    """Check this machine: versions, CuPy/CUDA/driver, GPU, compilers, kernel builds for every target, a self-test."""
+    from .backends.doctor import run_checks, verdict
+
+    rows = run_checks()
+    colours = {"ok": "green", "info": "cyan", "warn": "yellow", "FAIL": "bold red", "skip": "dim"}
+    table = Table(title="dwarf3 doctor", title_justify="left")
+    for col in ("section", "check", "status", "detail"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(row.section, row.item, f"[{colours.get(row.status, 'white')}]{row.status}[/]", row.detail)
+    console.print(table)
+    ok, line = verdict(rows)
+    console.print(line, markup=False)
+    if not ok:
+        raise typer.Exit(1)

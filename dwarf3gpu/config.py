@@ -17,7 +17,7 @@ __all__ = ["StackConfig", "DEBAYER_MODES"]
 
 DEBAYER_MODES = ("rgb", "bayer-first", "superpixel", "none")
 #: Settings that cannot change any output byte, left out of :meth:`StackConfig.settings_hash`.
-_NOT_HASHED = ("memory_budget",)
+_NOT_HASHED = ("memory_budget", "device")
 
 
 def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
@@ -71,6 +71,8 @@ class StackConfig:
         Colour-matrix preset for the preview.
     backend : {"auto", "cpu", "cuda"}
         Compute backend.
+    device : int
+        CUDA device number (not in the settings hash: it never changes a pixel).
     """
 
     keep: float = 0.92
@@ -102,6 +104,7 @@ class StackConfig:
     scnr: float = 0.0
     color_matrix: str = "identity"
     backend: str = "auto"
+    device: int = 0
 
     def __post_init__(self):
         _choice("debayer", self.debayer, DEBAYER_MODES)
@@ -114,6 +117,8 @@ class StackConfig:
         _choice("stretch", self.stretch, ("two_stage", "asinh"))
         _choice("score", self.score, SCORE_METHODS)
         _choice("backend", self.backend, ("auto", "cpu", "cuda"))
+        if self.device < 0:
+            raise ConfigError(f"--device must be >= 0; got {self.device}")
         for name in ("sigma", "sigma_lower", "sigma_upper"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -149,6 +154,6 @@ class StackConfig:
         """Stable hash of the settings that shape the result (written in the master's header).
 
         ``memory_budget`` only changes how the output is split into tiles, never a pixel (tested byte for byte),
-        so it is left out: the same stack made with another budget carries the same hash.
+        and ``device`` only picks which GPU runs; so they are left out: the same stack made with another budget carries the same hash.
         """
         return settings_hash({k: v for k, v in self.to_json().items() if k not in _NOT_HASHED})

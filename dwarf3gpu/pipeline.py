@@ -121,7 +121,7 @@ def stack_session(
     """
     t_start = time.perf_counter()
     workers = max(1, workers or default_workers())
-    backend = get_backend(config.backend)
+    backend = get_backend(config.backend, device=config.device)
     found = discover(session, include_failed=config.include_failed)
     out_dir = output_dir_for(found.path, output_root)
     not_listed = _apply_frame_list(found, frame_list)

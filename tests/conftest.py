@@ -32,3 +32,17 @@ def hash_tree(root: Path) -> dict[str, str]:
         rel = str(path.relative_to(root))
         out[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "<dir>"
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip ``@pytest.mark.gpu`` tests, with the reason, where the CUDA backend cannot run."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    from dwarf3gpu.backends import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason()
+    if reason:
+        skip = pytest.mark.skip(reason=f"needs an NVIDIA GPU with CuPy: {reason}")
+        for item in gpu_items:
+            item.add_marker(skip)

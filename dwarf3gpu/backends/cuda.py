@@ -1,0 +1,231 @@
+"""CUDA backend: the ``kernels/*.cu`` sources compiled with NVRTC through CuPy and launched on an NVIDIA GPU.
+
+Each kernel file becomes one ``cupy.RawModule(code=read_source(path), options=kernel_options(...))``, memoized per
+(device, file, options); :meth:`CudaBackend.launch` checks every argument against the kernel's C signature
+(:func:`dwarf3gpu.backends.kernels.check_args` with ``cupy.ndarray``) before launching, and the stage operations
+are the shared :class:`~dwarf3gpu.backends.kernel_ops.KernelOps` wrappers with ``xp = cupy``.
+
+For now every stage method returns NumPy arrays to the pipeline (``cupy.asnumpy``): each call uploads its input,
+runs the kernel and downloads the result. Keeping tiles resident on the device between stages is a later step.
+
+This is the only module (with :func:`dwarf3gpu.backends.cuda_unavailable_reason` and the ``doctor`` probes,
+which import it lazily) that imports CuPy. It is untested on a real GPU in this release: only the NVRTC
+compilation of every kernel for sm_80 and sm_90 is checked without a device (``tests/test_nvrtc.py``).
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailableError
+from . import kernels
+from .kernel_ops import KernelOps
+
+__all__ = ["CudaBackend", "kernel_options", "compile_for_arch", "nvrtc_version", "unavailable_reason"]
+
+NVRTC_EXTRA = ("--device-as-default-execution-space",)
+"""Option CuPy's RawModule adds to every NVRTC compilation; :func:`compile_for_arch` adds it too."""
+
+
+def kernel_options(directory: Path | None = None) -> tuple[str, ...]:
+    """NVRTC options of the GPU build: :data:`~dwarf3gpu.backends.kernels.NVRTC_OPTIONS` plus ``-I<kernel_dir>``."""
+    return tuple(kernels.NVRTC_OPTIONS) + ("-I" + str(Path(directory or kernels.kernel_dir()).resolve()),)
+
+
+def nvrtc_version() -> tuple[int, int]:
+    """(major, minor) of the NVRTC library CuPy loads; raises ImportError or a CuPy error when absent."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    return tuple(nvrtc.getVersion())
+
+
+def unavailable_reason() -> str:
+    """Why the CUDA backend cannot run here ("" when it can): CuPy, a driver with a GPU, NVRTC."""
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed (pip install 'dwarf3gpu[cuda12]' on a machine with an NVIDIA GPU)"
+    except Exception as exc:  # a broken CuPy install raises all sorts of errors at import
+        return f"CuPy failed to import ({type(exc).__name__}: {exc})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError as exc:
+        return f"no CUDA driver/GPU ({exc})"
+    except Exception as exc:
+        return f"no CUDA driver/GPU ({type(exc).__name__}: {exc})"
+    if count < 1:
+        return "no CUDA driver/GPU (the driver reports 0 devices)"
+    try:
+        nvrtc_version()
+    except Exception as exc:
+        return (f"NVRTC is not usable ({type(exc).__name__}: {exc}); pip install nvidia-cuda-nvrtc-cu12 "
+                "(or the CUDA toolkit)")
+    return ""
+
+
+def compile_for_arch(path: str | Path, arch: str, directory: Path | None = None, method: str = "ptx") -> bytes:
+    """Compile one kernel file with NVRTC for ``arch`` (e.g. ``"sm_80"``) without needing a GPU.
+
+    Same source text (:func:`~dwarf3gpu.backends.kernels.read_source`) and options (:func:`kernel_options` plus
+    what RawModule adds) as :class:`CudaBackend`; CuPy's NVRTC program wrapper does the compilation, as
+    RawModule does, but with an explicit architecture (CuPy's public helpers ask the current device for it).
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        A ``.cu`` file.
+    arch : str
+        ``sm_XY``.
+    method : {"ptx", "cubin"}
+        What to return.
+
+    Returns
+    -------
+    bytes
+        PTX text or cubin.
+
+    Raises
+    ------
+    cupy.cuda.compiler.CompileException
+        The compiler's messages (naming the file thanks to the ``#line`` prefix).
+    """
+    from cupy.cuda import compiler
+
+    cc = arch.removeprefix("sm_").removeprefix("compute_")
+    arch_option = f"-arch={'compute' if method == 'ptx' else 'sm'}_{cc}"
+    options = kernel_options(directory) + NVRTC_EXTRA + (arch_option,)
+    program = compiler._NVRTCProgram(kernels.read_source(path), str(Path(path).name), method=method)
+    compiled, _ = program.compile(options)
+    return compiled if isinstance(compiled, bytes) else str(compiled).encode()
+
+
+_MODULES: dict[tuple[int, str, tuple[str, ...]], Any] = {}
+
+
+class CudaBackend:
+    """Runs the per-pixel stages with the CUDA C kernels on an NVIDIA GPU (CuPy + NVRTC).
+
+    Parameters
+    ----------
+    device : int
+        CUDA device ordinal.
+    fallback_reason : str, optional
+        Unused (CUDA was picked); kept for the :class:`~dwarf3gpu.backends.base.Backend` interface.
+
+    Raises
+    ------
+    BackendUnavailableError
+        CuPy, the driver or NVRTC cannot run, or ``device`` does not exist.
+    """
+
+    name = "cuda"
+
+    def __init__(self, device: int = 0, fallback_reason: str = ""):
+        reason = unavailable_reason()
+        if reason:
+            raise BackendUnavailableError(f"the CUDA backend cannot run: {reason}")
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+        if not 0 <= int(device) < count:
+            raise BackendUnavailableError(f"CUDA device {device} does not exist (this machine has {count}: 0..{count - 1})")
+        self._cupy = cupy
+        self.device = int(device)
+        self.fallback_reason = fallback_reason
+        self.directory = kernels.kernel_dir()
+        self.options = kernel_options(self.directory)
+        self.signatures = kernels.load_signatures(self.directory)
+        self.ops = KernelOps(self.launch, cupy, kernels.define_value("D3_CLIP_MAX_FRAMES", self.directory))
+
+    # ---------------------------------------------------------------------------------------- kernels
+
+    def module(self, path: Path) -> Any:
+        """The RawModule of one kernel file on this device (compiled once per device, file and options)."""
+        key = (self.device, str(Path(path).resolve()), self.options)
+        if key not in _MODULES:
+            with self._cupy.cuda.Device(self.device):
+                _MODULES[key] = self._cupy.RawModule(code=kernels.read_source(path), options=self.options)
+        return _MODULES[key]
+
+    def launch(self, name: str, grid, block, *args) -> None:
+        """Run kernel ``name`` (arguments checked against its C signature, then launched on this device)."""
+        if name not in self.signatures:
+            raise KeyError(f"unknown kernel {name!r}; known: {', '.join(sorted(self.signatures))}")
+        sig = self.signatures[name]
+        kernels.check_args(sig, args, self._cupy.ndarray)
+        with self._cupy.cuda.Device(self.device):
+            function = self.module(Path(sig.path)).get_function(name)
+            function(tuple(int(g) for g in grid), tuple(int(b) for b in block), args)
+
+    def compile_all(self) -> list[str]:
+        """Compile every kernel file now (normally lazy); returns the kernel names."""
+        with self._cupy.cuda.Device(self.device):
+            for name, sig in self.signatures.items():
+                self.module(Path(sig.path)).get_function(name)
+        return list(self.signatures)
+
+    # ------------------------------------------------------------------------------------------- info
+
+    def describe(self) -> dict[str, Any]:
+        """GPU name and memory, CuPy, CUDA runtime, driver and NVRTC versions."""
+        cupy = self._cupy
+        runtime = cupy.cuda.runtime
+        props = runtime.getDeviceProperties(self.device)
+        name = props.get("name", b"")
+        return {
+            "name": self.name,
+            "device": name.decode() if isinstance(name, bytes) else str(name),
+            "device_index": self.device,
+            "compute_capability": f"{props.get('major')}.{props.get('minor')}",
+            "memory_bytes": int(props.get("totalGlobalMem", 0)),
+            "cupy": cupy.__version__,
+            "cuda_runtime": runtime.runtimeGetVersion(),
+            "cuda_driver": runtime.driverGetVersion(),
+            "nvrtc": ".".join(map(str, nvrtc_version())),
+            "host": platform.processor() or platform.machine(),
+            "numpy": np.__version__,
+            "fallback_reason": self.fallback_reason,
+        }
+
+    # ------------------------------------------------------------------------------------------ stages
+
+    def _host(self, value: Any) -> Any:
+        return self._cupy.asnumpy(value)
+
+    def debayer_bilinear(self, mosaic, pattern, origin=(0, 0)):
+        """See :func:`dwarf3gpu.debayer.debayer_bilinear`."""
+        return self._host(self.ops.debayer_bilinear(mosaic, pattern, origin=origin))
+
+    def debayer_superpixel(self, mosaic, pattern):
+        """See :func:`dwarf3gpu.debayer.debayer_superpixel`."""
+        return self._host(self.ops.debayer_superpixel(mosaic, pattern))
+
+    def warp_affine(self, image, matrix, out_shape, **kwargs):
+        """See :func:`dwarf3gpu.warp.warp_affine`."""
+        return tuple(self._host(a) for a in self.ops.warp_affine(image, matrix, out_shape, **kwargs))
+
+    def warp_bayer_planes(self, mosaic, pattern, matrix, out_shape, **kwargs):
+        """See :func:`dwarf3gpu.warp.warp_bayer_planes`."""
+        return tuple(self._host(a) for a in self.ops.warp_bayer_planes(mosaic, pattern, matrix, out_shape, **kwargs))
+
+    def shift_integer(self, image, dx, dy, out_shape):
+        """See :func:`dwarf3gpu.warp.shift_integer` (exact; runs on the host, it is a copy)."""
+        from .. import warp
+
+        return warp.shift_integer(image, dx, dy, out_shape)
+
+    def sigma_clip(self, stack_, valid, weights, frame_weights, **kwargs):
+        """See :func:`dwarf3gpu.stack.sigma_clip_mask_aware` and :meth:`KernelOps.sigma_clip` (limits)."""
+        from .. import stack
+        from ..stack import ClipResult
+
+        n = int(np.shape(stack_)[0]) if np.ndim(stack_) else 0
+        robust = kwargs.get("cenfunc", "median") == "median" or kwargs.get("stdfunc", "std") == "mad_std"
+        if robust and n > self.ops.clip_max_frames:  # the kernel's per-thread sort is bounded: reference on the host
+            return stack.sigma_clip_mask_aware(stack_, valid, weights, frame_weights, **kwargs)
+        result = self.ops.sigma_clip(stack_, valid, weights, frame_weights, **kwargs)
+        return ClipResult(*(self._host(a) for a in result))
