@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -52,7 +53,7 @@ def command(*args, **kwargs):
             try:
                 return func(*a, **kw)
             except Dwarf3Error as exc:
-                err_console.print(f"[bold red]error:[/] {exc}")
+                err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
                 raise typer.Exit(exc.exit_code) from None
 
         return app.command(*args, **kwargs)(run)
@@ -234,9 +235,9 @@ def _print_analysis(analysis) -> None:
     for i, r in enumerate(analysis.records):
         m, reg = r.metrics, r.registration
         ref = " (ref)" if i == analysis.reference_index else ""
-        decision = "[green]kept[/]" + ref if r.decision.kept else f"[red]{r.decision.reason}[/] {r.decision.detail}"
+        decision = "[green]kept[/]" + ref if r.decision.kept else f"[red]{r.decision.reason}[/] {escape(r.decision.detail)}"
         table.add_row(
-            str(i), r.frame.name,
+            str(i), escape(r.frame.name),
             str(m.n_stars) if m else "-", _fmt(m.fwhm, ".2f") if m else "-", _fmt(m.eccentricity, ".2f") if m else "-",
             _fmt(m.background, ".0f") if m else "-", _fmt(m.noise, ".1f") if m else "-",
             _fmt(100 * m.saturated_fraction, ".3f") if m else "-", _fmt(m.transparency, ".2f") if m else "-",
@@ -293,7 +294,7 @@ def _print_session(result, *, lights_table: bool = True) -> None:
         lights.add_column(col, justify="right" if col in ("#", "exp s", "temp C") else "left")
     for i, f in enumerate(result.lights):
         mid = f.mid_time.isoformat(sep=" ", timespec="seconds") if f.mid_time else "?"
-        lights.add_row(str(i), mid, _fmt(f.exposure_s), _fmt(f.temperature_c), f"{f.width}x{f.height}", f.name)
+        lights.add_row(str(i), mid, _fmt(f.exposure_s), _fmt(f.temperature_c), f"{f.width}x{f.height}", escape(f.name))
     if result.lights and lights_table:
         console.print(lights)
     if result.excluded:
@@ -301,7 +302,7 @@ def _print_session(result, *, lights_table: bool = True) -> None:
         for col in ("file", "reason", "detail"):
             table.add_column(col)
         for e in result.excluded:
-            table.add_row(e.path.name, e.reason, e.detail)
+            table.add_row(escape(e.path.name), e.reason, escape(e.detail))
         console.print(table)
     if result.calibration:
         table = Table(title="calibration found next to the session", title_justify="left")
@@ -311,7 +312,7 @@ def _print_session(result, *, lights_table: bool = True) -> None:
             table.add_row(c.kind, str(c.path), "yes" if c.matches else "no", "; ".join(c.mismatches))
         console.print(table)
     for w in meta.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
+        console.print(f"[yellow]warning:[/] {escape(w)}")
 
 
 def main() -> None:
@@ -417,7 +418,7 @@ def stack(
         backend = "cuda" if backend == "auto" else backend
         reason = cuda_unavailable_reason()
         if reason:
-            err_console.print(f"[yellow]--use-gpu:[/] {reason}; processing on the CPU.")
+            err_console.print(f"[yellow]--use-gpu:[/] {escape(reason)}; processing on the CPU.")
             backend = "cpu"
     config = StackConfig(
         keep=keep, score=score, reference=reference, align_mode=align_mode, max_fwhm=max_fwhm, min_stars=min_stars,
@@ -446,7 +447,7 @@ def stack(
         except Dwarf3Error as exc:
             if len(sessions) == 1 and not any(ch in str(sessions[0]) for ch in "*?["):
                 raise
-            err_console.print(f"[bold red]error:[/] {path.name}: {exc}")
+            err_console.print(f"[bold red]error:[/] {escape(path.name)}: {escape(str(exc))}")
             failures.append(path)
             continue
         results.append((path, result))
@@ -591,7 +592,7 @@ def doctor() -> None:
     for col in ("section", "check", "status", "detail"):
         table.add_column(col, overflow="fold")
     for row in rows:
-        table.add_row(row.section, row.item, f"[{colours.get(row.status, 'white')}]{row.status}[/]", row.detail)
+        table.add_row(row.section, row.item, f"[{colours.get(row.status, 'white')}]{row.status}[/]", escape(row.detail))
     console.print(table)
     ok, line = verdict(rows)
     console.print(line, markup=False)
