@@ -457,3 +457,25 @@ def test_wheel_ships_and_finds_the_kernels(tmp_path):
     assert Path(out[0]).is_relative_to(target)
     assert Path(out[1]) == target / "dwarf3gpu" / "kernels"
     assert int(out[2]) == len(kernels.load_signatures(REPO / "kernels"))
+
+
+def test_cpu_backend_uses_the_cpu_build_bit_identically():
+    """The pipeline's CPU backend runs debayer and warps on the CPU build; outputs equal the NumPy reference."""
+    from dwarf3gpu.backends.cpu import CpuBackend
+
+    fast, reference = CpuBackend(), CpuBackend(kernels="numpy")
+    if fast.describe()["cpu_kernels"].startswith("NumPy"):
+        pytest.skip(f"CPU build unavailable: {fast.native_reason}")
+    rng = np.random.default_rng(42)
+    mosaic = rng.integers(0, 65535, (67, 93)).astype(np.float32)
+    A = np.array([[0.98, -0.17, 3.3], [0.17, 0.98, -2.1]])
+    np.testing.assert_array_equal(fast.debayer_bilinear(mosaic, "GRBG", origin=(1, 3)),
+                                  reference.debayer_bilinear(mosaic, "GRBG", origin=(1, 3)))
+    rgb = reference.debayer_bilinear(mosaic, "RGGB")
+    for method in ("bilinear", "bicubic"):
+        for got, want in zip(fast.warp_affine(rgb, A, (67, 93), method=method, feather_px=5.0, src_size=(67, 93)),
+                             reference.warp_affine(rgb, A, (67, 93), method=method, feather_px=5.0, src_size=(67, 93))):
+            np.testing.assert_array_equal(got, want)
+    for got, want in zip(fast.warp_bayer_planes(mosaic, "RGGB", A, (67, 93), src_size=(67, 93)),
+                         reference.warp_bayer_planes(mosaic, "RGGB", A, (67, 93), src_size=(67, 93))):
+        np.testing.assert_array_equal(got, want)
