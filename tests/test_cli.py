@@ -65,3 +65,15 @@ def test_frames_on_empty_folder_fails_with_exit_1(tmp_path):
     assert result.exit_code == 1
     assert isinstance(result.exception, SystemExit)  # handled, not a crash
     assert "no light frames found" in result.stderr and "IMAGETYP" in result.stderr
+
+
+def test_demo_simulates_and_stacks(tmp_path):
+    """`dwarf3 demo` (small frames here) writes a session, a master, previews and a report, and exits 0."""
+    result = runner.invoke(app, ["demo", str(tmp_path / "demo"), "--frames", "6", "--size", "384x256",
+                                 "--workers", "1"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    masters = list((tmp_path / "demo" / "processedData").glob("*/stacked/master_linear.fits"))
+    assert len(masters) == 1
+    out = masters[0].parent.parent
+    assert (out / "master_quicklook.png").is_file() and (out / "report.md").is_file()
+    assert "master_linear" in result.output
