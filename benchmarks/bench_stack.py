@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_table, save  # noqa: E402
+from common import best_of, machine, print_table, save  # noqa: E402
 
 SIGMA, MAXITERS, CENFUNC, STDFUNC = 3.0, 5, "median", "mad_std"
 POLL_S = 0.1
@@ -237,15 +237,6 @@ def _astropy(data):
     return clipped, lo, hi, mean, t_clip
 
 
-def _timed(func, repeat: int) -> tuple[float, float]:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        func()
-        times.append(time.perf_counter() - t0)
-    return min(times), statistics.median(times)
-
-
 def _traced_peak(func) -> int:
     """tracemalloc peak (bytes) above the memory traced before one call of ``func`` (its result included)."""
     tracemalloc.start()
@@ -267,8 +258,8 @@ def _child_clip(p: dict) -> dict:
     render_s = time.perf_counter() - t0
     repeat, workers = p["repeat"], p["workers"]
 
-    ours1 = _timed(lambda: _ours(data, valid, 1), repeat)
-    oursw = _timed(lambda: _ours(data, valid, workers), repeat)
+    ours1 = best_of(lambda: _ours(data, valid, 1), repeat)
+    oursw = best_of(lambda: _ours(data, valid, workers), repeat)
     astro_clip_times, astro_times = [], []
     for _ in range(repeat):
         t0 = time.perf_counter()
