@@ -211,7 +211,7 @@ def _render_band(p: dict) -> tuple[np.ndarray, np.ndarray, list[str], tuple[int,
     data = np.empty((len(kept), 3, rows, width), np.float32)
     valid = np.empty((len(kept), rows, width), bool)
     for k in range(len(kept)):
-        d, v, _ = renderer(k, row0, row0 + rows)
+        d, v, _ = renderer(k, row0, row0 + rows, 0, width)
         data[k] = d
         np.logical_and(v, np.isfinite(d).all(axis=0), out=valid[k])
     data[np.broadcast_to(~valid[:, None], data.shape)] = np.nan
@@ -397,7 +397,7 @@ def main() -> None:
             "peak_tree_gib": _gb(s["tree_peak"]),
             "budget_gib": _gb(plan["budget"]),
             "plan_tile_gib": _gb(plan["bytes_per_tile"]),
-            "rows_per_tile": plan["rows_per_tile"],
+            "tile_shape": "x".join(map(str, plan["tile_shape"])),
             "tiles": plan["n_tiles"],
             "cpu_user_s": s["cpu_user_s"],
             "cpu_sys_s": s["cpu_sys_s"],

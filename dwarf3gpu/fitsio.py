@@ -179,7 +179,9 @@ def read_header(path: str | os.PathLike) -> fits.Header:
     return read_layout(path).header
 
 
-def read_raw_uint16(path: str | os.PathLike, layout: FitsLayout | None = None) -> tuple[np.ndarray, fits.Header]:
+def read_raw_uint16(
+    path: str | os.PathLike, layout: FitsLayout | None = None, rows: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, fits.Header]:
     """Read a 16-bit ``BZERO = 32768`` frame as native ``uint16`` (exact), the pipeline's fast path.
 
     Parameters
@@ -188,11 +190,14 @@ def read_raw_uint16(path: str | os.PathLike, layout: FitsLayout | None = None) -
         FITS file with BITPIX = 16, BZERO = 32768, BSCALE = 1.
     layout : FitsLayout, optional
         Result of :func:`read_layout` when the caller already has it.
+    rows : (int, int), optional
+        Read only image rows ``rows[0]:rows[1]`` (half-open, 2-D images): one contiguous read of those rows, as a
+        stacking band needs them.
 
     Returns
     -------
     data : numpy.ndarray
-        uint16 array of the stored values plus 32768, in NumPy order.
+        uint16 array of the stored values plus 32768, in NumPy order (only the requested rows).
     header : astropy.io.fits.Header
         Primary header.
 
@@ -204,24 +209,34 @@ def read_raw_uint16(path: str | os.PathLike, layout: FitsLayout | None = None) -
     layout = layout or read_layout(path)
     if not layout.is_raw_uint16:
         raise FitsReadError(path, "not an unsigned 16-bit frame (BITPIX=16, BZERO=32768, BSCALE=1); use read_fits")
-    stored = _read_data_unit(path, layout, ">u2")
+    stored = _read_data_unit(path, layout, ">u2", rows)
     # one pass: byte swap to native order (the dtype cast) and flip the sign bit (+32768 modulo 2**16)
     data = np.bitwise_xor(stored, np.uint16(0x8000), dtype=np.uint16)
     return data, layout.header
 
 
-def _read_data_unit(path: str | os.PathLike, layout: FitsLayout, dtype: str) -> np.ndarray:
-    """Read the primary data unit as stored (big-endian ``dtype``), shaped; raise FitsReadError on short reads."""
-    count = int(np.prod(layout.shape, dtype=np.int64))
+def _read_data_unit(path: str | os.PathLike, layout: FitsLayout, dtype: str,
+                    rows: tuple[int, int] | None = None) -> np.ndarray:
+    """Read the primary data unit (or rows ``rows[0]:rows[1]`` of a 2-D one) as stored (big-endian ``dtype``),
+    shaped; raise FitsReadError on short reads."""
+    shape, offset = layout.shape, layout.data_offset
+    if rows is not None:
+        if len(shape) != 2:
+            raise ValueError(f"a row range needs a 2-D image, not shape {shape}")
+        row0, row1 = max(0, int(rows[0])), min(shape[0], int(rows[1]))
+        row1 = max(row0, row1)
+        offset += row0 * shape[1] * np.dtype(dtype).itemsize
+        shape = (row1 - row0, shape[1])
+    count = int(np.prod(shape, dtype=np.int64))
     try:
         with open(path, "rb") as fh:
-            fh.seek(layout.data_offset)
+            fh.seek(offset)
             stored = np.fromfile(fh, dtype=dtype, count=count)
     except OSError as exc:
         raise FitsReadError(path, f"cannot be read ({exc.strerror or exc})") from exc
     if stored.size != count:
         raise FitsReadError(path, "the data unit is truncated")
-    return stored.reshape(layout.shape)
+    return stored.reshape(shape)
 
 
 def read_fits(path: str | os.PathLike, *, fast: bool = True) -> FitsImage:

@@ -317,7 +317,8 @@ def _stack(
     channels = 1 if cfa else 3
     out_h, out_w = (height // 2, width // 2) if superpixel else (height, width)
     budget = config.memory_budget or default_memory_budget()
-    plan = plan_tiles(out_h, out_w, len(kept), channels, budget)
+    plan = plan_tiles(out_h, out_w, len(kept), channels, budget, workers=workers,
+                      render_bytes_per_pixel=RENDER_BYTES_PER_PIXEL)
     renderer = _FrameRenderer(kept, matrices, norms, pattern, config, backend, (height, width), superpixel, cfa)
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     try:
@@ -332,7 +333,7 @@ def _stack(
         if pool is not None:
             pool.shutdown()
     ref_index = next((i for i, r in enumerate(kept) if r is analysis.reference), 0)
-    single_data, single_valid, _ = renderer(ref_index, 0, out_h)
+    single_data, single_valid, _ = renderer(ref_index, 0, out_h, 0, out_w)
     single = (single_data if single_data.ndim == 3 else single_data[None], single_valid)
     crop = None
     if config.crop:
@@ -358,69 +359,81 @@ def _stack(
     return stacked
 
 
+#: Scratch memory of one frame render per output pixel, beyond the render itself (which the planner counts): the
+#: raw window (2 bytes), its float32 copy (4) and its debayered RGB (12) per source pixel, times 2 for the source
+#: window of a tile of a rotated frame (at most twice the tile's area for a square tile), plus slack.
+RENDER_BYTES_PER_PIXEL = 40
+
 #: Settings that change the stacked pixels (the intermediate cache key).
 _STACK_KEYS = ("debayer", "interpolation", "demosaic", "sigma", "sigma_lower", "sigma_upper", "maxiters", "cenfunc", "stdfunc",
                "normalisation", "weights", "feather_px", "crop")
 
 
 class _FrameRenderer:
-    """``render(frame_index, row0, row1)``: one frame's contribution to an output band (data, valid, weight)."""
+    """``render(frame_index, row0, row1, col0, col1)``: one frame's contribution to an output tile (data, valid,
+    weight)."""
 
     def __init__(self, kept, matrices, norms, pattern, config, backend, frame_size, superpixel, cfa):
         self.kept, self.matrices, self.norms = kept, matrices, norms
         self.pattern, self.config, self.backend = pattern, config, backend
         self.frame_size, self.superpixel, self.cfa = frame_size, superpixel, cfa
 
-    def __call__(self, index: int, row0: int, row1: int):
+    def __call__(self, index: int, row0: int, row1: int, col0: int, col1: int):
         record = self.kept[index]
         A = np.asarray(self.matrices[record.frame.name], float)
-        mosaic = _read_mosaic(record.frame.path)
         height, width = self.frame_size
         method = self.config.interpolation
         offset, scale = self.norms[index]
-        if self.superpixel:
+        out_shape, out_origin = (row1 - row0, col1 - col0), (row0, col0)
+        if self.superpixel:  # a half-resolution source window, debayered 2x2 cell by cell
             A = superpixel_transform(A)
-            src = self.backend.debayer_superpixel(mosaic, self.pattern)
-            out_w = width // 2
+            half = (height // 2, width // 2)
+            r0, r1, c0, c1 = source_window(A, out_shape, out_origin, half, window_margin(method))
+            cells = _read_mosaic(record.frame.path, (2 * r0, 2 * r1))[:, 2 * c0:2 * c1]
             warped, valid, weight = self.backend.warp_affine(
-                src, A, (row1 - row0, out_w), out_origin=(row0, 0), src_origin=(0, 0), method=method,
-                feather_px=self.config.feather_px / 2, src_size=(height // 2, width // 2),
+                self.backend.debayer_superpixel(cells, self.pattern), A, out_shape, out_origin=out_origin,
+                src_origin=(r0, c0), method=method, feather_px=self.config.feather_px / 2, src_size=half,
             )
             return _normalise(warped, offset, scale), valid, weight
         margin = window_margin(method, bayer_planes=self.cfa) + (0 if self.cfa else DEBAYER_MARGIN)
-        r0, r1, c0, c1 = source_window(A, (row1 - row0, width), (row0, 0), (height, width), margin)
-        band = mosaic[r0:r1, c0:c1].astype(np.float32)
-        common = dict(out_origin=(row0, 0), src_origin=(r0, c0), src_size=(height, width), method=method,
+        r0, r1, c0, c1 = source_window(A, out_shape, out_origin, (height, width), margin)
+        band = _read_mosaic(record.frame.path, (r0, r1))[:, c0:c1].astype(np.float32)
+        common = dict(out_origin=out_origin, src_origin=(r0, c0), src_size=(height, width), method=method,
                       feather_px=self.config.feather_px)
         if self.cfa:
-            warped, valid, weight = self.backend.warp_bayer_planes(band, self.pattern, A, (row1 - row0, width), **common)
-            channel = _cfa_channel_map(self.pattern, row0, row1 - row0, width)
+            warped, valid, weight = self.backend.warp_bayer_planes(band, self.pattern, A, out_shape, **common)
+            channel = _cfa_channel_map(self.pattern, out_origin, out_shape)
             return _normalise(warped[None], offset[channel], scale[channel]), valid, weight
         if self.config.demosaic == "mhc":
             rgb = debayer_mhc(band, self.pattern, origin=(r0, c0))
         else:
             rgb = self.backend.debayer_bilinear(band, self.pattern, origin=(r0, c0))
-        warped, valid, weight = self.backend.warp_affine(rgb, A, (row1 - row0, width), **common)
+        warped, valid, weight = self.backend.warp_affine(rgb, A, out_shape, **common)
         return _normalise(warped, offset, scale), valid, weight
 
 
 def _normalise(data: np.ndarray, offset, scale) -> np.ndarray:
-    """``data * scale + offset`` per channel (arrays broadcast over (C, h, w) or per-pixel maps)."""
+    """``data * scale + offset`` per channel (arrays broadcast over (C, h, w) or per-pixel maps), in place on a
+    float32 ``data`` (a fresh render: no band-sized temporary)."""
     offset, scale = np.asarray(offset, np.float32), np.asarray(scale, np.float32)
     if offset.ndim == 1:
         offset, scale = offset[:, None, None], scale[:, None, None]
-    return data * scale + offset
+    if data.dtype != np.float32 or not data.flags.writeable:
+        return data * scale + offset
+    data *= scale
+    data += offset
+    return data
 
 
-def _cfa_channel_map(pattern: str, row0: int, rows: int, width: int) -> np.ndarray:
-    """(rows, width) channel index (0 R, 1 G, 2 B) of each output CFA pixel at absolute rows row0..."""
+def _cfa_channel_map(pattern: str, origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """(rows, cols) channel index (0 R, 1 G, 2 B) of each pixel of a CFA tile at absolute ``origin`` (row, col)."""
     offsets = bayer_offsets(pattern)
     cell = np.zeros((2, 2), np.intp)
     for c, name in enumerate("RGB"):
         for dr, dc in offsets[name]:
             cell[dr, dc] = c
-    r = (np.arange(row0, row0 + rows) % 2)[:, None]
-    col = (np.arange(width) % 2)[None, :]
+    r = (np.arange(origin[0], origin[0] + shape[0]) % 2)[:, None]
+    col = (np.arange(origin[1], origin[1] + shape[1]) % 2)[None, :]
     return cell[r, col]
 
 
@@ -432,12 +445,13 @@ def _applied_matrix(matrix: np.ndarray, align_mode: str, size: tuple[int, int]) 
     return np.asarray(matrix, float).tolist()
 
 
-def _read_mosaic(path: Path) -> np.ndarray:
-    """Raw frame as uint16 (fast path) or float32."""
+def _read_mosaic(path: Path, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """Raw frame (or its rows ``rows[0]:rows[1]``) as uint16 (fast path: only those rows are read) or float32."""
     layout = read_layout(path)
     if layout.is_raw_uint16:
-        return read_raw_uint16(path, layout)[0]
-    return read_fits(path).data
+        return read_raw_uint16(path, layout, rows)[0]
+    data = read_fits(path).data
+    return data if rows is None else data[rows[0]:rows[1]]
 
 
 def _cfa_channel_medians(mosaic: np.ndarray, pattern: str) -> np.ndarray:

@@ -61,8 +61,9 @@ CLIP_BYTES_PER_SAMPLE = 48
 
 #: Default memory budget: this share of the available RAM ...
 DEFAULT_BUDGET_FRACTION = 0.5
-#: ... capped at this many bytes (bigger tiles are not faster).
-DEFAULT_BUDGET_CAP = 8 << 30
+#: ... capped at this many bytes: square tiles of a few hundred thousand pixels already stack at full speed, and
+#: with the interpreter and the finished master the whole process then stays under 2 GB (benchmarks/RESULTS.md).
+DEFAULT_BUDGET_CAP = 1 << 30
 #: Used when the available RAM cannot be read.
 FALLBACK_AVAILABLE = 4 << 30
 
@@ -842,7 +843,11 @@ def normalise_frames(stack: np.ndarray, offsets, scales, out: np.ndarray | None 
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Horizontal bands of the output image that the stacking processes one at a time.
+    """Rectangular tiles of the output image that the stacking processes one at a time.
+
+    Tiles are as square as the budget allows: a rotated frame's source window for a square tile is at most twice
+    the tile's area, whereas a thin full-width band of a frame rotated by theta needs ``width x sin(theta)`` extra
+    source rows, all of which must be read and debayered for every band.
 
     Attributes
     ----------
@@ -852,16 +857,17 @@ class TilePlan:
         Frames in the stack and channels per frame (1 for a CFA plane, 3 for RGB).
     workers : int
         Threads the plan allows for (clipping temporaries and frame renders in flight).
-    rows_per_tile : int
-        Rows of every band but possibly the last (a multiple of ``row_multiple`` unless one band is the image).
-    tiles : list of (int, int)
-        ``(row0, row1)`` of each band, covering ``0..height`` in order.
-    bytes_per_row : int
-        Memory one more row of band costs (frame buffers and renders in flight).
+    tile_shape : (int, int)
+        ``(rows, cols)`` of every tile but possibly those of the last tile row or column (even numbers unless one
+        tile spans that whole axis).
+    tiles : list of (int, int, int, int)
+        ``(row0, row1, col0, col1)`` of each tile (half-open), row by row, covering the image once.
+    bytes_per_pixel : int
+        Memory one more tile pixel costs (frame buffers, tile outputs and renders in flight).
     fixed_bytes : int
-        Memory that does not depend on the band height (output arrays and clipping temporaries).
+        Memory that does not depend on the tile size (output arrays and clipping temporaries).
     bytes_per_tile : int
-        Peak working memory of a full band, ``fixed_bytes + rows_per_tile * bytes_per_row``.
+        Peak working memory of a full tile, ``fixed_bytes + rows x cols x bytes_per_pixel``.
     budget : int
         The memory budget the plan was made for.
     """
@@ -871,9 +877,9 @@ class TilePlan:
     n_frames: int
     channels: int
     workers: int
-    rows_per_tile: int
-    tiles: list[tuple[int, int]]
-    bytes_per_row: int
+    tile_shape: tuple[int, int]
+    tiles: list[tuple[int, int, int, int]]
+    bytes_per_pixel: int
     fixed_bytes: int
     bytes_per_tile: int
     budget: int
@@ -882,8 +888,8 @@ class TilePlan:
         """JSON-ready description (the manifest stores it)."""
         return {
             "height": self.height, "width": self.width, "n_frames": self.n_frames, "channels": self.channels,
-            "workers": self.workers, "rows_per_tile": self.rows_per_tile, "n_tiles": len(self.tiles),
-            "tiles": [list(t) for t in self.tiles], "bytes_per_row": self.bytes_per_row,
+            "workers": self.workers, "tile_shape": list(self.tile_shape), "n_tiles": len(self.tiles),
+            "tiles": [list(t) for t in self.tiles], "bytes_per_pixel": self.bytes_per_pixel,
             "fixed_bytes": self.fixed_bytes, "bytes_per_tile": self.bytes_per_tile, "budget": self.budget,
         }
 
@@ -891,6 +897,24 @@ class TilePlan:
 def _sample_bytes(channels: int) -> int:
     """Frame-buffer bytes per frame and output pixel: data (float32 per channel), valid (bool), weight (float32)."""
     return 4 * channels + 1 + 4
+
+
+def _round_up(value: int, multiple: int) -> int:
+    """``value`` rounded up to a multiple of ``multiple``."""
+    return -(-value // multiple) * multiple
+
+
+def _tile_grid(size: int, tile: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of tiles of ``tile`` along an axis of ``size`` (the last one may be shorter)."""
+    return [(start, min(start + tile, size)) for start in range(0, size, tile)]
+
+
+def _balanced(size: int, tile: int, multiple: int) -> int:
+    """The smallest tile length (a multiple of ``multiple``, or ``size``) giving as many tiles as ``tile`` does."""
+    if tile >= size or tile < 1:
+        return min(size, max(tile, 0))
+    count = -(-size // tile)
+    return min(tile, _round_up(-(-size // count), multiple))
 
 
 def plan_tiles(
@@ -901,16 +925,23 @@ def plan_tiles(
     memory_budget_bytes: int,
     *,
     workers: int | None = None,
-    min_rows: int = 16,
-    row_multiple: int = 2,
+    render_bytes_per_pixel: int = 0,
+    tile_shape: tuple[int, int] | None = None,
+    min_side: int = 16,
+    multiple: int = 2,
 ) -> TilePlan:
-    """Split the output into horizontal bands whose peak working memory fits ``memory_budget_bytes``.
+    """Split the output into tiles whose peak working memory fits ``memory_budget_bytes``.
 
     Accounting (bytes): outputs ``H x W x (4C + 2C + 2)`` (mean float32, rejected and coverage int16; int32
     beyond 32767 frames doubles the counts) and clipping temporaries ``workers x CHUNK_SAMPLES x
-    CLIP_BYTES_PER_SAMPLE`` are fixed; each band row costs ``W x (N + workers) x (4C + 1 + 4)``: the (N, C, rows,
-    W) data, (N, rows, W) valid and weight buffers, plus one rendered band per worker in flight. The renderer's
-    own scratch memory (e.g. a decoded frame) is not counted.
+    CLIP_BYTES_PER_SAMPLE`` are fixed; each tile pixel costs ``(N + workers) x (4C + 1 + 4)`` (the (N, C, P)
+    data, (N, P) valid and weight buffers, plus one rendered tile per worker in flight), ``6C + 2`` (the tile's
+    outputs before they are copied into place) and ``workers x render_bytes_per_pixel`` (the renderer's own
+    scratch per output pixel, e.g. the raw and debayered source window).
+
+    The tile is the largest square-ish rectangle that fits: side ``sqrt(P)`` for ``P`` affordable pixels (even
+    lengths keep every tile on the same Bayer phase), then evened out so the tiles of a row (column) have about
+    the same size. One tile is used when the whole image fits.
 
     Parameters
     ----------
@@ -922,10 +953,15 @@ def plan_tiles(
         Budget (see :func:`default_memory_budget`, :func:`parse_memory`).
     workers : int, optional
         Threads that will clip and render (None: every core this process may use).
-    min_rows : int, optional
-        Smallest band worth processing (fewer rows: mostly per-tile overhead).
-    row_multiple : int, optional
-        Band heights are multiples of it (2 keeps every band on the same Bayer phase).
+    render_bytes_per_pixel : int, optional
+        The renderer's scratch memory per output pixel of a render in flight.
+    tile_shape : (int, int), optional
+        Use tiles of this ``(rows, cols)`` (clipped to the image) instead of the largest that fits; the budget is
+        still checked.
+    min_side : int, optional
+        Smallest tile side worth processing (smaller: mostly per-tile overhead).
+    multiple : int, optional
+        Tile sides are multiples of it (2 keeps every tile on the same Bayer phase).
 
     Returns
     -------
@@ -934,31 +970,49 @@ def plan_tiles(
     Raises
     ------
     ConfigError
-        When even ``min_rows`` rows (or the whole image, if smaller) do not fit in the budget.
+        When even a ``min_side`` x ``min_side`` tile (or ``tile_shape``) does not fit in the budget.
     """
     height, width, n_frames, channels = int(height), int(width), int(n_frames), int(channels)
-    if min(height, width, n_frames, channels, min_rows, row_multiple) < 1:
-        raise ValueError("height, width, n_frames, channels, min_rows and row_multiple must be positive")
+    if min(height, width, n_frames, channels, min_side, multiple) < 1:
+        raise ValueError("height, width, n_frames, channels, min_side and multiple must be positive")
     workers = _default_workers() if workers is None else int(workers)
     count_bytes = np.dtype(_count_dtype(n_frames)).itemsize
     fixed = height * width * (4 * channels + count_bytes * (channels + 1))
     fixed += workers * CHUNK_SAMPLES * CLIP_BYTES_PER_SAMPLE
-    per_row = width * (n_frames + workers) * _sample_bytes(channels)
+    per_pixel = ((n_frames + workers) * _sample_bytes(channels) + 4 * channels + count_bytes * (channels + 1)
+                 + workers * int(render_bytes_per_pixel))
     budget = int(memory_budget_bytes)
-    fit = (budget - fixed) // per_row if budget > fixed else 0
-    rows = min(height, fit // row_multiple * row_multiple)
-    needed = min(height, math.ceil(min_rows / row_multiple) * row_multiple)
-    if rows < needed:
-        need = fixed + needed * per_row
+    pixels = (budget - fixed) // per_pixel if budget > fixed else 0
+    if tile_shape is not None:
+        rows, cols = min(height, int(tile_shape[0])), min(width, int(tile_shape[1]))
+        if rows < 1 or cols < 1:
+            raise ValueError(f"tile_shape must be positive, got {tile_shape}")
+        needed = (rows, cols)
+    else:
+        needed = (min(height, _round_up(min_side, multiple)), min(width, _round_up(min_side, multiple)))
+        side = math.isqrt(max(pixels, 0)) // multiple * multiple
+        if pixels >= height * width:
+            rows, cols = height, width
+        elif side >= width:
+            rows, cols = pixels // width // multiple * multiple, width
+        elif side >= height:
+            rows, cols = height, pixels // height // multiple * multiple
+        else:
+            rows = cols = side
+    if rows * cols > pixels or rows < needed[0] or cols < needed[1]:
+        need = fixed + needed[0] * needed[1] * per_pixel
         raise ConfigError(
             f"the memory budget of {budget / 2**20:.0f} MiB is too small to stack {n_frames} frames of "
-            f"{width}x{height} ({channels} channel{'s' if channels > 1 else ''}): a band of {needed} rows needs "
-            f"{math.ceil(need / 2**20)} MiB. Raise --memory-budget (e.g. {math.ceil(need / 2**30)}G) or stack "
-            f"fewer frames"
+            f"{width}x{height} ({channels} channel{'s' if channels > 1 else ''}): a {needed[0]}x{needed[1]} tile "
+            f"needs {math.ceil(need / 2**20)} MiB. Raise --memory-budget (e.g. {math.ceil(need / 2**30)}G) or "
+            f"stack fewer frames"
         )
-    tiles = [(row0, min(row0 + rows, height)) for row0 in range(0, height, rows)]
-    return TilePlan(height, width, n_frames, channels, workers, rows, tiles, per_row, fixed,
-                    fixed + rows * per_row, budget)
+    if tile_shape is None:  # the same number of tiles, evened out
+        rows, cols = _balanced(height, rows, multiple), _balanced(width, cols, multiple)
+    tiles = [(r0, r1, c0, c1) for r0, r1 in _tile_grid(height, rows)
+             for c0, c1 in _tile_grid(width, cols)]
+    return TilePlan(height, width, n_frames, channels, workers, (rows, cols), tiles, per_pixel, fixed,
+                    fixed + rows * cols * per_pixel, budget)
 
 
 def _available_memory() -> int:
@@ -1022,7 +1076,7 @@ def parse_memory(text: str) -> int:
 
 # -------------------------------------------------------------------------------------------------- driver
 
-RenderTile = Callable[[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+RenderTile = Callable[[int, int, int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def stack_tiles(
@@ -1041,14 +1095,14 @@ def stack_tiles(
     executor: Executor | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ClipResult:
-    """Stack frames band by band: render every frame's part of a band, sigma-clip, write the outputs.
+    """Stack frames tile by tile: render every frame's part of a tile, sigma-clip, write the outputs.
 
-    For each band ``(row0, row1)`` of ``plan``, ``render_tile(k, row0, row1)`` is called for every frame ``k``
-    and must return ``data`` float32 (C, rows, W) (or (rows, W) when C = 1), ``valid`` bool (rows, W) and
-    ``weight`` float32 (rows, W) (e.g. a feather taper, >= 0). A sample is valid where ``valid`` is True and all
-    its channels are finite. The renders are copied into one (N, C, rows, W) buffer (with (N, rows, W) valid and
-    weight buffers), allocated once for the largest band and reused, and clipped as by
-    :func:`sigma_clip_mask_aware` with the shared ``valid`` and ``weight``. Each pixel's result depends only on
+    For each tile ``(row0, row1, col0, col1)`` of ``plan``, ``render_tile(k, row0, row1, col0, col1)`` is called
+    for every frame ``k`` and must return ``data`` float32 (C, rows, cols) (or (rows, cols) when C = 1),
+    ``valid`` bool (rows, cols) and ``weight`` float32 (rows, cols) (e.g. a feather taper, >= 0). A sample is
+    valid where ``valid`` is True and all its channels are finite. The renders are copied into one (N, C, P)
+    buffer (with (N, P) valid and weight buffers), allocated once for the largest tile and reused, and clipped as
+    by :func:`sigma_clip_mask_aware` with the shared ``valid`` and ``weight``. Each pixel's result depends only on
     its own samples, so the output is bit-identical for any plan and executor.
 
     Parameters
@@ -1056,8 +1110,8 @@ def stack_tiles(
     plan : TilePlan
         From :func:`plan_tiles` for this ``out_shape`` and ``n_frames``.
     render_tile : callable
-        ``render_tile(frame_index, row0, row1) -> (data, valid, weight)``; called from the executor's threads
-        when one is given (it must then be thread-safe).
+        ``render_tile(frame_index, row0, row1, col0, col1) -> (data, valid, weight)``; called from the
+        executor's threads when one is given (it must then be thread-safe).
     n_frames : int
         Number of frames.
     out_shape : tuple of int
@@ -1069,7 +1123,7 @@ def stack_tiles(
     executor : concurrent.futures.Executor, optional
         Runs the frame renders and the clipping chunks concurrently (a thread pool); None: the calling thread.
     progress : callable, optional
-        ``progress(done, n_tiles)`` after each band.
+        ``progress(done, n_tiles)`` after each tile.
 
     Returns
     -------
@@ -1092,40 +1146,41 @@ def stack_tiles(
     mean = np.empty((channels, height, width), np.float32)
     coverage = np.empty((height, width), dtype)
     rejected = np.empty((channels, height, width), dtype)
-    rows_max = plan.rows_per_tile
-    data_buf = np.empty((n_frames, channels, rows_max, width), np.float32)
-    valid_buf = np.empty((n_frames, rows_max, width), bool)
-    weight_buf = np.empty((n_frames, rows_max, width), np.float32)
+    most = plan.tile_shape[0] * plan.tile_shape[1]
+    data_buf = np.empty((n_frames, channels, most), np.float32)
+    valid_buf = np.empty((n_frames, most), bool)
+    weight_buf = np.empty((n_frames, most), np.float32)
+    tile_mean = np.empty((channels, most), np.float32)
+    tile_coverage = np.empty((1, most), dtype)
+    tile_rejected = np.empty((channels, most), dtype)
 
-    for index, (row0, row1) in enumerate(plan.tiles):
-        rows = row1 - row0
+    for index, (row0, row1, col0, col1) in enumerate(plan.tiles):
+        rows, cols = row1 - row0, col1 - col0
+        n_pix = rows * cols
 
         def fill(k: int) -> None:
-            data, valid, weight = render_tile(k, row0, row1)
+            data, valid, weight = render_tile(k, row0, row1, col0, col1)
             data = np.asarray(data)
-            if data.shape == (rows, width) and channels == 1:
+            if data.shape == (rows, cols) and channels == 1:
                 data = data[None]
-            if data.shape != (channels, rows, width) or np.shape(valid) != (rows, width) or \
-                    np.shape(weight) != (rows, width):
-                raise ValueError(f"render_tile({k}, {row0}, {row1}) returned shapes {data.shape}, "
-                                 f"{np.shape(valid)}, {np.shape(weight)}; expected ({channels}, {rows}, {width}) "
-                                 f"and ({rows}, {width}) twice")
-            data_buf[k, :, :rows] = data
-            np.logical_and(valid, np.isfinite(data).all(axis=0), out=valid_buf[k, :rows])
-            weight_buf[k, :rows] = weight
+            if data.shape != (channels, rows, cols) or np.shape(valid) != (rows, cols) or \
+                    np.shape(weight) != (rows, cols):
+                raise ValueError(f"render_tile({k}, {row0}, {row1}, {col0}, {col1}) returned shapes {data.shape}, "
+                                 f"{np.shape(valid)}, {np.shape(weight)}; expected ({channels}, {rows}, {cols}) "
+                                 f"and ({rows}, {cols}) twice")
+            data_buf[k, :, :n_pix] = data.reshape(channels, n_pix)
+            np.logical_and(np.reshape(valid, n_pix), np.isfinite(data).all(axis=0).reshape(n_pix),
+                           out=valid_buf[k, :n_pix])
+            weight_buf[k, :n_pix] = np.reshape(weight, n_pix)
 
         _run(executor, fill, range(n_frames))
-        n_pix = rows * width
         _clip_into(
-            _flat_view(data_buf[:, :, :rows], (n_frames, channels, n_pix)),
-            _flat_view(valid_buf[:, :rows], (n_frames, 1, n_pix)),
-            _flat_view(weight_buf[:, :rows], (n_frames, 1, n_pix)),
-            fw, cfg,
-            _flat_view(mean[:, row0:row1], (channels, n_pix)),
-            _flat_view(coverage[row0:row1], (1, n_pix)),
-            _flat_view(rejected[:, row0:row1], (channels, n_pix)),
-            None, executor,
+            data_buf[:, :, :n_pix], valid_buf[:, None, :n_pix], weight_buf[:, None, :n_pix], fw, cfg,
+            tile_mean[:, :n_pix], tile_coverage[:, :n_pix], tile_rejected[:, :n_pix], None, executor,
         )
+        mean[:, row0:row1, col0:col1] = tile_mean[:, :n_pix].reshape(channels, rows, cols)
+        coverage[row0:row1, col0:col1] = tile_coverage[0, :n_pix].reshape(rows, cols)
+        rejected[:, row0:row1, col0:col1] = tile_rejected[:, :n_pix].reshape(channels, rows, cols)
         if progress is not None:
             progress(index + 1, len(plan.tiles))
     return ClipResult(mean, coverage, rejected)

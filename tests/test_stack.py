@@ -341,28 +341,52 @@ def test_normalise_frames_per_frame_and_channel():
 # --------------------------------------------------------------------------------------------------- tiling
 
 
+def covered_once(plan):
+    """Every output pixel lies in exactly one tile."""
+    hits = np.zeros((plan.height, plan.width), int)
+    for r0, r1, c0, c1 in plan.tiles:
+        hits[r0:r1, c0:c1] += 1
+    return bool((hits == 1).all())
+
+
 def test_plan_tiles_fits_the_budget_and_covers_the_image():
-    plan = plan_tiles(2180, 3856, 40, 3, 2 << 30, workers=2)
-    assert plan.rows_per_tile % 2 == 0 and plan.rows_per_tile >= 16
-    assert plan.tiles[0][0] == 0 and plan.tiles[-1][1] == 2180
-    assert all(a[1] == b[0] for a, b in zip(plan.tiles, plan.tiles[1:]))
-    assert all(r0 % 2 == 0 for r0, _ in plan.tiles)
+    plan = plan_tiles(2180, 3856, 40, 3, 1 << 30, workers=2, render_bytes_per_pixel=40)
+    rows, cols = plan.tile_shape
+    assert rows % 2 == 0 and cols % 2 == 0 and min(rows, cols) >= 16
+    assert covered_once(plan) and len(plan.tiles) > 1
+    assert all(r0 % 2 == 0 and c0 % 2 == 0 for r0, _, c0, _ in plan.tiles)
+    assert all(r1 - r0 <= rows and c1 - c0 <= cols for r0, r1, c0, c1 in plan.tiles)
     assert plan.bytes_per_tile <= plan.budget
-    assert plan.bytes_per_tile + plan.bytes_per_row * 2 > plan.budget  # the largest band that fits
-    # the honest count: frame buffers (data, valid, weight) for N frames plus the renders in flight
-    assert plan.bytes_per_row == 3856 * (40 + 2) * (4 * 3 + 1 + 4)
+    # square-ish: the source window of a rotated frame stays small
+    assert 0.5 <= rows / cols <= 2
+    # the honest count: frame buffers (data, valid, weight) for N frames plus the renders in flight, the tile's
+    # own outputs (mean float32, coverage and rejected int16) and the renderer's scratch per worker
+    assert plan.bytes_per_pixel == (40 + 2) * (4 * 3 + 1 + 4) + 4 * 3 + 2 * 4 + 2 * 40
     assert json.loads(json.dumps(plan.to_json()))["n_tiles"] == len(plan.tiles)
-    # more frames, same budget: thinner bands
-    assert plan_tiles(2180, 3856, 200, 3, 2 << 30, workers=2).rows_per_tile < plan.rows_per_tile
-    # a generous budget: one band, the whole (odd-height) image
-    whole = plan_tiles(101, 64, 5, 1, 1 << 30, workers=1)
-    assert whole.tiles == [(0, 101)] and whole.rows_per_tile == 101
+    # the largest tile that fits: a grid one step finer in both axes would have been needed otherwise
+    n_r, n_c = len({t[:2] for t in plan.tiles}), len({t[2:] for t in plan.tiles})
+    bigger = (-(-2180 // max(n_r - 1, 1))) * (-(-3856 // max(n_c - 1, 1)))
+    assert plan.fixed_bytes + bigger * plan.bytes_per_pixel > plan.budget
+    # more frames, same budget: smaller tiles
+    more = plan_tiles(2180, 3856, 200, 3, 1 << 30, workers=2)
+    assert more.tile_shape[0] * more.tile_shape[1] < rows * cols and covered_once(more)
+    # a generous budget: one tile, the whole (odd-sized) image
+    whole = plan_tiles(101, 63, 5, 1, 1 << 30, workers=1)
+    assert whole.tiles == [(0, 101, 0, 63)] and whole.tile_shape == (101, 63)
+    # a wide, short image gets full-width bands; a forced tile shape is honoured
+    wide = plan_tiles(40, 3856, 40, 3, 30 << 20, workers=1)
+    assert wide.tile_shape[1] < 3856 or wide.tile_shape[0] < 40
+    assert covered_once(wide)
+    forced = plan_tiles(101, 63, 5, 1, 1 << 30, workers=1, tile_shape=(20, 30))
+    assert forced.tile_shape == (20, 30) and len(forced.tiles) == 6 * 3 and covered_once(forced)
 
 
 def test_plan_tiles_refuses_a_budget_that_cannot_hold_min_rows():
     with pytest.raises(ConfigError, match="too small") as info:
         plan_tiles(2180, 3856, 500, 3, 64 << 20, workers=2)
     assert "--memory-budget" in str(info.value)
+    with pytest.raises(ConfigError, match="too small"):
+        plan_tiles(2180, 3856, 40, 3, 1 << 30, workers=1, tile_shape=(2180, 3856))
     with pytest.raises(ValueError):
         plan_tiles(0, 10, 1, 1, 1 << 30)
 
@@ -405,8 +429,9 @@ def frame_source(rng, n, channels, height, width):
 
 def renderer(data, valid, weight):
     """``render_tile`` over in-memory frames (fresh arrays, as a real warp would return)."""
-    def render(k, row0, row1):
-        return data[k, :, row0:row1].copy(), valid[k, row0:row1].copy(), weight[k, row0:row1].copy()
+    def render(k, row0, row1, col0, col1):
+        window = np.s_[row0:row1, col0:col1]
+        return data[k][(slice(None),) + window].copy(), valid[k][window].copy(), weight[k][window].copy()
     return render
 
 
@@ -417,15 +442,18 @@ def test_stack_tiles_is_independent_of_the_tile_size():
     frame_weights = rng.uniform(0.5, 1.5, n)
     probe = plan_tiles(height, width, n, channels, 1 << 40, workers=1)
     results, seen = [], set()
-    for rows in (16, 30, 70):
-        plan = plan_tiles(height, width, n, channels, probe.fixed_bytes + rows * probe.bytes_per_row, workers=1)
-        assert plan.rows_per_tile == rows
+    for shape in ((16, 16), (30, 41), (70, 20), (70, 41)):
+        plan = plan_tiles(height, width, n, channels, 1 << 30, workers=1, tile_shape=shape)
+        assert plan.tile_shape == shape
         calls = []
         results.append(stack_tiles(plan, renderer(data, valid, weight), n, (channels, height, width),
                                    frame_weights=frame_weights, progress=lambda d, t: calls.append((d, t))))
         assert calls == [(i + 1, len(plan.tiles)) for i in range(len(plan.tiles))]
         seen.add(len(plan.tiles))
-    assert seen == {5, 3, 1}
+    assert seen == {5 * 3, 3, 1} and probe.tiles == [(0, height, 0, width)]
+    # a budget that fits exactly a 16 x 16 tile: 5 x 3 tiles, evened out to 14 x 14 (70 = 5 x 14, 41 <= 3 x 14)
+    small = plan_tiles(height, width, n, channels, probe.fixed_bytes + 16 * 16 * probe.bytes_per_pixel, workers=1)
+    assert small.tile_shape == (14, 14) and len(small.tiles) == 15
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
@@ -451,7 +479,8 @@ def test_stack_tiles_accepts_a_single_plane_and_checks_shapes():
     data, valid, weight = frame_source(rng, 6, 1, 20, 18)
     plan = plan_tiles(20, 18, 6, 1, 1 << 30, workers=1)
     mean, coverage, rejected = stack_tiles(
-        plan, lambda k, r0, r1: (data[k, 0, r0:r1], valid[k, r0:r1], weight[k, r0:r1]), 6, (1, 20, 18),
+        plan, lambda k, r0, r1, c0, c1: (data[k, 0, r0:r1, c0:c1], valid[k, r0:r1, c0:c1], weight[k, r0:r1, c0:c1]),
+        6, (1, 20, 18),
         cenfunc="mean", stdfunc="mad_std", sigma_lower=2.0, sigma_upper=2.5, maxiters=3)
     direct = sigma_clip_mask_aware(data, valid & np.isfinite(data[:, 0]), weight, cenfunc="mean",
                                    stdfunc="mad_std", sigma_lower=2.0, sigma_upper=2.5, maxiters=3)
@@ -459,7 +488,7 @@ def test_stack_tiles_accepts_a_single_plane_and_checks_shapes():
     with pytest.raises(ValueError, match="tile plan"):
         stack_tiles(plan, renderer(data, valid, weight), 7, (1, 20, 18))
     with pytest.raises(ValueError, match="render_tile"):
-        stack_tiles(plan, lambda k, r0, r1: (data[k, :, r0:r1, 1:], valid[k], weight[k]), 6, (1, 20, 18))
+        stack_tiles(plan, lambda k, r0, r1, c0, c1: (data[k, :, r0:r1, 1:], valid[k], weight[k]), 6, (1, 20, 18))
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -471,9 +500,10 @@ def test_stack_tiles_memory_does_not_grow_with_frames(channels):
         source = rng.normal(100.0, 5.0, (n, channels, height, width)).astype(np.float32)
         ones = np.ones((height, width), bool)
 
-        def render(k, row0, row1):
-            return source[k, :, row0:row1] + np.float32(0.0), ones[row0:row1].copy(), ones[row0:row1].astype(
-                np.float32)
+        def render(k, row0, row1, col0, col1):
+            window = np.s_[row0:row1, col0:col1]
+            return (source[k][(slice(None),) + window] + np.float32(0.0), ones[window].copy(),
+                    ones[window].astype(np.float32))
 
         plan = plan_tiles(height, width, n, channels, budget, workers=1)
         tracemalloc.start()

@@ -490,9 +490,9 @@ def test_master_noise_is_single_frame_noise_over_sqrt_n(eq):
 
 
 def _tiles_budget(result: StackResult) -> int:
-    """A memory budget that splits the same stack into bands of about 48 rows."""
+    """A memory budget that splits the same stack into tiles of about 96 x 96 pixels."""
     plan = result.manifest["stack"]["tile_plan"]
-    return int(plan["fixed_bytes"] + 48 * plan["bytes_per_row"])
+    return int(plan["fixed_bytes"] + 96 * 96 * plan["bytes_per_pixel"])
 
 
 def test_identical_bytes_on_second_run_other_tile_size_and_worker_count(small, small_base):
