@@ -383,7 +383,7 @@ def stack(
     weights: Annotated[str, typer.Option(help="Frame weights: 'none' or 'noise' (inverse variance).")] = "none",
     feather: Annotated[float, typer.Option(help="Feather frame edges over this many pixels (0: off).")] = 0.0,
     crop: Annotated[bool, typer.Option("--crop", help="Crop the master to the area every kept frame covers.")] = False,
-    memory_budget: Annotated[Optional[str], typer.Option(help="Memory for the stacking tiles, e.g. 4G or 800M (default: half the available RAM).")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option(help="Memory for the stacking tiles, e.g. 4G or 800M (default: half the available RAM, at most 1G; more memory only means fewer, larger tiles).")] = None,
     max_fwhm: Annotated[Optional[float], typer.Option(help="Reject frames whose median FWHM (px) is above this.")] = None,
     min_stars: Annotated[int, typer.Option(help="Reject frames with fewer detected stars.")] = 8,
     max_eccentricity: Annotated[Optional[float], typer.Option(help="Reject frames with more elongated stars.")] = None,

@@ -605,10 +605,10 @@ def _write_previews(stacked: Stacked, config: StackConfig, out_dir: Path) -> dic
     """8-bit PNG and 16-bit TIFF quicklooks (gains, SCNR, colour matrix and stretch applied to a copy)."""
     rgb01 = make_quicklook(stacked.rgb, stacked.calibration, stretch=config.stretch, scnr_amount=config.scnr,
                            color_matrix=config.color_matrix)
-    return {
-        "quicklook_png": write_preview_png(rgb01, out_dir / "master_quicklook.png"),
-        "quicklook_tif": write_preview_tiff(rgb01, out_dir / "master_quicklook.tif"),
-    }
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the two encoders release the GIL
+        png = pool.submit(write_preview_png, rgb01, out_dir / "master_quicklook.png")
+        tif = pool.submit(write_preview_tiff, rgb01, out_dir / "master_quicklook.tif")
+        return {"quicklook_png": png.result(), "quicklook_tif": tif.result()}
 
 
 def _stats(analysis: SessionAnalysis, stacked: Stacked | None, timings: dict[str, float]) -> dict[str, Any]:
