@@ -304,10 +304,12 @@ def _stack(
     if progress:
         progress("backgrounds", 0, len(kept))
     backgrounds = {}
-    for i, r in enumerate(kept):
-        backgrounds[r.frame.name] = _cfa_channel_medians(_read_mosaic(r.frame.path), pattern)
-        if progress:
-            progress("backgrounds", i + 1, len(kept))
+    with ThreadPoolExecutor(max_workers=workers) as readers:
+        levels = readers.map(lambda r: _cfa_channel_medians(_read_mosaic(r.frame.path), pattern), kept)
+        for i, (r, level) in enumerate(zip(kept, levels)):
+            backgrounds[r.frame.name] = level
+            if progress:
+                progress("backgrounds", i + 1, len(kept))
     ref_bg = np.asarray(backgrounds[analysis.reference.frame.name])
     norms = [normalisation(ref_bg, np.asarray(backgrounds[r.frame.name]), config.normalisation) for r in kept]
     frame_weights = _frame_weights(kept, config.weights)
