@@ -42,6 +42,8 @@ ProgressCallback = Callable[[str, int, int], None]
 STARS_KEPT = 300
 #: Version tag of the registration method in the transforms cache key (change it when the fit changes).
 REGISTRATION_METHOD = "astroalign+flux-weighted-refinement-1"
+#: Version tag of the star measurement in both cache keys (change it when detected positions or fluxes change).
+MEASUREMENT_METHOD = "all-colour-windowed-centroid-1"
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class AnalysisConfig:
         """Everything the per-frame measurement depends on (the scores cache key)."""
         return {
             "version": __version__,
+            "measurement": MEASUREMENT_METHOD,
             "threshold_sigma": self.threshold_sigma,
             "max_stars": self.max_stars,
             "saturation": self.saturation,

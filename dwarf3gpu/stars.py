@@ -1,10 +1,10 @@
 """Star detection and measurement on raw one-shot-colour (Bayer) mosaics.
 
 Stars are *found* on a half-resolution luminance proxy (the mean of the two green pixels of every 2x2 Bayer
-cell) and *measured* on the green pixels of the full-resolution mosaic. Positions are in full-resolution
-mosaic pixels with the origin at the centre of pixel (0, 0) (METHODS.md, "Conventions"). The method, the
-rejection criteria for hot pixels, cosmic rays and trails, and the measured speed and accuracy are in
-METHODS.md, section "Star detection".
+cell) and *measured* on the full-resolution mosaic: positions on every pixel, each colour against its own
+local sky; flux and shape on the green pixels. Positions are in full-resolution mosaic pixels with the origin
+at the centre of pixel (0, 0) (METHODS.md, "Conventions"). The method, the rejection criteria for hot pixels,
+cosmic rays and trails, and the measured speed and accuracy are in METHODS.md, section "Star detection".
 
 Examples
 --------
@@ -52,8 +52,33 @@ TRAIL_MAX_WIDTH_SIGMA = 5.0
 35 full-resolution pixels wide: a satellite trail is as wide as the PSF, an inclined galaxy's footprint is
 far wider) is a trail: no star is taken from it, and it counts in ``StarList.n_trails``."""
 
-WINDOW_PER_SIGMA = 1.5
-"""Measuring window: Gaussian of this many times the frame's median star sigma."""
+WINDOW_PER_SIGMA = 1.1
+"""Measuring window: Gaussian of this many times the frame's median star sigma (Gaussian-equivalent), at least
+:data:`MIN_WINDOW`. Near the noise optimum of a faint star (1 for a Gaussian); a narrower window also takes in
+less light of neighbouring stars (measurements in METHODS.md)."""
+
+MIN_WINDOW = 1.5
+"""Smallest measuring window, full-resolution pixels: a narrower one samples an undersampled star (FWHM near
+2 px) too coarsely (position errors of 0.02-0.06 px that depend on the sub-pixel phase)."""
+
+COLOUR_BALANCE_NOISE = 10.0
+"""Centroids use every pixel of a Bayer frame, with the red and blue sites weighted so that their window sums
+match (see :func:`_all_colours`). A star's red / blue ratio is taken as ``(S_1 + k n) / (S_2 + k n)``, with
+``S_1``, ``S_2`` the window sums of the two colours (negative ones count as 0), ``n`` the noise of one such sum
+and ``k`` this value: faint stars, whose ratio is noise, keep equal weights."""
+
+COLOUR_BALANCE_LIMIT = 4.0
+"""The red / blue ratio of the balance is clipped to [1/4, 4] (weights 0.5 to 2): beyond, the weaker colour's
+noise would cost more than its aliasing."""
+
+SPIKE_RATIO = 6.0
+"""Spike test of the centroid pixels (hot pixels, cosmic-ray hits): a pixel above this many times the brightest
+of its 8 neighbours (all above the local sky) plus :data:`SPIKE_SIGMA` times the pixel noise is replaced by the
+mean of its neighbours. A star of FWHM 2 px or more peaks at most about 4 times its brightest neighbour, whatever
+its colour; a hot pixel is a single bright pixel."""
+
+SPIKE_SIGMA = 5.0
+"""See :data:`SPIKE_RATIO`."""
 
 RELATIVE_FWHM = (0.5, 2.0)
 """Accepted FWHM range relative to the frame's median (applied once 5 unsaturated stars are accepted)."""
@@ -70,7 +95,7 @@ _CLIP_ITERATIONS = 3
 _BOX_SAMPLES = 24  # samples per box side used for the background statistics
 _INITIAL_WINDOW = 2.0  # full-res px: window sigma of the first measuring pass
 _CALIBRATION_STARS = 64  # brightest candidates measured in the first pass to size the window
-_CENTROID_ITERATIONS = 8
+_CENTROID_ITERATIONS = 12
 _PROFILE_STARS = 32  # brightest unsaturated stars pooled into the frame's radial profile
 _PROFILE_MIN_STARS = 3
 _PROFILE_MIN_PEAK_SIGMA = 20.0  # a pooled star's peak, in units of the pixel noise
@@ -454,11 +479,131 @@ class _Measurement:
         return _Measurement(**{name: np.concatenate([getattr(p, name) for p in parts]) for name in names})
 
 
+def _sky(data: np.ndarray, use: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median of each stamp's samples where ``use`` is set.
+
+    Parameters
+    ----------
+    data : numpy.ndarray
+        (N, h, w) stamps.
+    use : numpy.ndarray
+        bool mask broadcastable to ``data``.
+
+    Returns
+    -------
+    level : numpy.ndarray
+        (N,) medians, 0 for a stamp without samples.
+    found : numpy.ndarray
+        (N,) bool: the stamp had samples.
+    """
+    n = data.shape[0]
+    samples = np.sort(np.where(use, data, np.inf).reshape(n, -1), axis=1)
+    count = np.count_nonzero(np.isfinite(samples), axis=1)
+    idx = np.arange(n)
+    found = count > 0
+    level = 0.5 * (samples[idx, np.maximum(count - 1, 0) // 2] + samples[idx, count // 2])
+    return np.where(found, level, 0.0), found
+
+
+def _despike(light: np.ndarray, usable: np.ndarray, pixel_noise: float) -> np.ndarray:
+    """Replace single-pixel spikes of sky-subtracted stamps by the mean of their usable neighbours.
+
+    A pixel is a spike when it exceeds ``SPIKE_RATIO * max(brightest neighbour, 0) + SPIKE_SIGMA * pixel_noise``
+    (see :data:`SPIKE_RATIO`); its 8 neighbours are taken within the stamp.
+
+    Parameters
+    ----------
+    light : numpy.ndarray
+        (N, S, S) sky-subtracted stamps.
+    usable : numpy.ndarray
+        (N, S, S) bool: pixels on the frame and finite.
+    pixel_noise : float
+        Sky noise of one pixel.
+
+    Returns
+    -------
+    numpy.ndarray
+        The stamps with spikes replaced (a new array).
+    """
+    size = light.shape[1]
+    values = np.pad(np.where(usable, light, 0.0), ((0, 0), (1, 1), (1, 1)))
+    valid = np.pad(usable, ((0, 0), (1, 1), (1, 1)))
+    brightest = np.full(light.shape, -np.inf, np.float32)
+    total = np.zeros(light.shape, np.float32)
+    count = np.zeros(light.shape, np.float32)
+    for dr, dc in zip(*_NEIGHBOURS_3):
+        view = (slice(None), slice(1 + dr, 1 + dr + size), slice(1 + dc, 1 + dc + size))
+        brightest = np.maximum(brightest, np.where(valid[view], values[view], -np.inf))
+        total += values[view]
+        count += valid[view]
+    spike = usable & (light > SPIKE_RATIO * np.maximum(brightest, 0.0) + SPIKE_SIGMA * pixel_noise)
+    return np.where(spike, total / np.maximum(count, 1.0), light)
+
+
+def _all_colours(
+    st: _Stamps, annulus: np.ndarray, x0: np.ndarray, y0: np.ndarray, window: float, green_parity: int,
+    pixel_noise: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every pixel of Bayer stamps, each colour against its own local sky, red and blue balanced.
+
+    Stamp rows (columns) ``a::2`` share one parity, so each of the four sub-grids ``[a::2, b::2]`` holds one
+    colour site of the 2x2 cell. Each sub-grid's sky is the median of its samples in ``annulus``. Hot pixels
+    and cosmic-ray hits, which the luminance proxy never sees in red and blue, are then removed
+    (:func:`_despike`). The two green sub-grids keep weight 1; the other two (red and blue, in either order)
+    get ``q**-0.5`` and ``q**0.5``, with ``q`` the ratio of their window sums about ``(x0, y0)`` (see
+    :data:`COLOUR_BALANCE_NOISE`, :data:`COLOUR_BALANCE_LIMIT`), so that both contribute equally. Why: each
+    colour samples the star on a 2-pixel lattice, whose aliasing moves a windowed centroid by an amount that
+    depends on the sub-pixel phase (about 0.01 px at FWHM 2.8). Red and blue sit one pixel apart along both
+    axes, as do the two greens, so the aliasing of each pair cancels along x and y when its two members weigh
+    the same; what remains is the greens' quincunx term, far smaller.
+
+    Returns
+    -------
+    light : numpy.ndarray
+        (N, S, S) float32 sky-subtracted, weighted stamps (0 where not usable).
+    found : numpy.ndarray
+        (N,) bool: every sub-grid had sky samples.
+    """
+    n = st.data.shape[0]
+    light = np.zeros(st.data.shape, np.float32)
+    found = np.ones(n, bool)
+    for a in (0, 1):
+        for b in (0, 1):
+            cell = (slice(None), slice(a, None, 2), slice(b, None, 2))
+            level, has_sky = _sky(st.data[cell], st.usable[cell] & annulus[cell[1:]])
+            found &= has_sky
+            light[cell] = np.where(st.usable[cell], st.data[cell] - level[:, None, None].astype(np.float32), 0.0)
+    light = _despike(light, st.usable, pixel_noise)
+    window_sums = []
+    for a in (0, 1):
+        for b in (0, 1):
+            wy = np.exp(-0.5 * ((st.rows[:, a::2] - y0[:, None]) / window) ** 2)
+            wx = np.exp(-0.5 * ((st.cols[:, b::2] - x0[:, None]) / window) ** 2)
+            window_sums.append(np.einsum("nr,nrc,nc->n", wy, light[:, a::2, b::2], wx))
+    # sub-grids (0, 0) and (1, 1) are both green or both not; the other pair is the opposite
+    diagonal_green = (st.rows[:, 0] + st.cols[:, 0] + green_parity) % 2 == 0
+    first = np.where(diagonal_green, window_sums[1], window_sums[0])  # (0, 1) or (0, 0)
+    second = np.where(diagonal_green, window_sums[2], window_sums[3])  # (1, 0) or (1, 1)
+    shrink = COLOUR_BALANCE_NOISE * pixel_noise * window * np.sqrt(np.pi) / 2.0  # x noise of a window sum
+    ratio = (np.maximum(first, 0.0) + shrink) / (np.maximum(second, 0.0) + shrink)
+    ratio = np.clip(ratio, 1.0 / COLOUR_BALANCE_LIMIT, COLOUR_BALANCE_LIMIT)
+    w_first, w_second = (ratio**-0.5).astype(np.float32), (ratio**0.5).astype(np.float32)
+    one = np.float32(1.0)
+    weights = [np.where(diagonal_green, one, w_first), np.where(diagonal_green, w_first, one),
+               np.where(diagonal_green, w_second, one), np.where(diagonal_green, one, w_second)]
+    for (a, b), weight in zip(((0, 0), (0, 1), (1, 0), (1, 1)), weights):
+        light[:, a::2, b::2] *= weight[:, None, None]
+    return light, found
+
+
 def _measure(
     mosaic: np.ndarray, x0: np.ndarray, y0: np.ndarray, window: float, green_parity: int | None,
-    saturation: float | None,
+    saturation: float | None, pixel_noise: float,
 ) -> _Measurement:
     """Windowed centroids, Gaussian-equivalent shapes and aperture fluxes on the full-resolution mosaic.
+
+    The centroid uses every pixel (:func:`_all_colours`); sky, flux, peak and shape use the green pixels
+    (every pixel of a mono frame).
 
     Parameters
     ----------
@@ -473,6 +618,8 @@ def _measure(
         See :meth:`_Stamps.cut`.
     saturation : float or None
         Saturation level of the raw pixels.
+    pixel_noise : float
+        Sky noise of one raw pixel (sets the red / blue balance of faint stars, see :func:`_all_colours`).
     """
     r_ap = 3.0 * window
     half = int(np.ceil(r_ap)) + 3
@@ -481,38 +628,38 @@ def _measure(
     n = len(x0)
     d = np.arange(-half, half + 1)
     annulus = (d[:, None] ** 2 + d[None, :] ** 2) > (r_ap + 1.0) ** 2
-    sky_samples = np.sort(np.where(valid & annulus, st.data, np.inf).reshape(n, -1), axis=1)
-    n_sky = np.count_nonzero(np.isfinite(sky_samples), axis=1)
-    idx = np.arange(n)
-    sky = 0.5 * (sky_samples[idx, np.maximum(n_sky - 1, 0) // 2] + sky_samples[idx, n_sky // 2])
-    ok = n_sky > 0
-    sky = np.where(ok, sky, 0.0)
+    sky, ok = _sky(st.data, valid & annulus)
     image = np.where(valid, st.data - sky[:, None, None].astype(np.float32), np.float32(0.0))
+    light = image
+    if green_parity is not None:
+        light, found = _all_colours(st, annulus, x0, y0, window, green_parity, pixel_noise)
+        ok &= found
 
-    def window_sums(mu_x: np.ndarray, mu_y: np.ndarray, second: bool) -> tuple[np.ndarray, ...]:
-        """Window-weighted sums of I, I dx, I dy (and I dx^2, I dy^2, I dx dy) about (mu_x, mu_y)."""
+    def window_sums(mu_x: np.ndarray, mu_y: np.ndarray, data: np.ndarray, second: bool) -> tuple[np.ndarray, ...]:
+        """Window-weighted sums of I, I dx, I dy (and I dx^2, I dy^2, I dx dy) of ``data`` about (mu_x, mu_y)."""
         dx, dy = st.cols - mu_x[:, None], st.rows - mu_y[:, None]
         wx, wy = np.exp(-0.5 * (dx / window) ** 2), np.exp(-0.5 * (dy / window) ** 2)  # separable window
-        a = np.matmul(image, wx[:, :, None])[:, :, 0]  # per stamp row: sum over columns of w_x I
-        b = np.matmul(image, (wx * dx)[:, :, None])[:, :, 0]
+        a = np.matmul(data, wx[:, :, None])[:, :, 0]  # per stamp row: sum over columns of w_x I
+        b = np.matmul(data, (wx * dx)[:, :, None])[:, :, 0]
         sums = [np.sum(wy * a, axis=1), np.sum(wy * b, axis=1), np.sum(wy * dy * a, axis=1)]
         if second:
-            c = np.matmul(image, (wx * dx**2)[:, :, None])[:, :, 0]
+            c = np.matmul(data, (wx * dx**2)[:, :, None])[:, :, 0]
             sums += [np.sum(wy * c, axis=1), np.sum(wy * dy**2 * a, axis=1), np.sum(wy * dy * b, axis=1)]
         return tuple(sums)
 
     mu_x, mu_y = x0.astype(np.float64), y0.astype(np.float64)
     for _ in range(_CENTROID_ITERATIONS):
-        s0, sx, sy = window_sums(mu_x, mu_y, second=False)
+        s0, sx, sy = window_sums(mu_x, mu_y, light, second=False)
         ok &= s0 > 0
         s0 = np.where(ok, s0, 1.0)
         mu_x, mu_y = mu_x + np.where(ok, sx / s0, 0.0), mu_y + np.where(ok, sy / s0, 0.0)
     xc, yc = st.cols[:, half], st.rows[:, half]
     ok &= (np.abs(mu_x - xc) <= half / 2) & (np.abs(mu_y - yc) <= half / 2)
-    s0, _, _, sxx, syy, sxy = window_sums(mu_x, mu_y, second=True)
+    s0, sx, sy, sxx, syy, sxy = window_sums(mu_x, mu_y, image, second=True)
     ok &= s0 > 0
     s0 = np.where(ok, s0, 1.0)
-    wxx, wyy, wxy = sxx / s0, syy / s0, sxy / s0
+    mx, my = sx / s0, sy / s0  # the greens' own windowed mean, 0 up to noise: the moments are central
+    wxx, wyy, wxy = sxx / s0 - mx**2, syy / s0 - my**2, sxy / s0 - mx * my
 
     # Remove the window: for a Gaussian star C_windowed^-1 = C_star^-1 + window^-2 * identity.
     det = wxx * wyy - wxy**2
@@ -537,6 +684,7 @@ def _measure(
     flux = np.sum(np.where(sampled_ap, image, 0.0), axis=(1, 2), dtype=np.float64) / density
     ok &= flux > 0
     in_aperture = np.where(sampled_ap & st.usable, image, -np.inf).reshape(n, -1)
+    idx = np.arange(n)
     brightest = np.argmax(in_aperture, axis=1)
     peak = in_aperture[idx, brightest].astype(np.float64)
     # its diagonal neighbours (green too); those off the stamp or off the frame do not count
@@ -693,16 +841,18 @@ def detect_stars(
         return (m.ok & (m.roundness >= min_roundness) & (m.fwhm_minor >= fwhm_min) & (m.fwhm <= fwhm_max)
                 & (m.core_spread >= MIN_CORE_SPREAD))
 
+    pixel_noise = noise * (np.sqrt(2.0) if greens is not None else 2.0)
     first = _measure(mosaic, x0[:_CALIBRATION_STARS], y0[:_CALIBRATION_STARS], _INITIAL_WINDOW, green_parity,
-                     saturation)
+                     saturation, pixel_noise)
     calibration = accepted(first) & ~first.saturated
     sigma = float(np.median(np.sqrt(first.cov[calibration, :2].mean(axis=1)))) if calibration.any() else 1.0
-    window = float(np.clip(WINDOW_PER_SIGMA * sigma, 1.0, fwhm_max))
+    window = float(np.clip(WINDOW_PER_SIGMA * sigma, MIN_WINDOW, fwhm_max))
 
     chunk = max(max_stars, 256)
     parts: list[_Measurement] = []
     for start in range(0, r.size, chunk):
-        m = _measure(mosaic, x0[start : start + chunk], y0[start : start + chunk], window, green_parity, saturation)
+        m = _measure(mosaic, x0[start : start + chunk], y0[start : start + chunk], window, green_parity, saturation,
+                     pixel_noise)
         parts.append(m.take(accepted(m)))
         stars = _Measurement.concat(parts)
         unsaturated = ~stars.saturated
@@ -713,7 +863,6 @@ def detect_stars(
         if len(stars.x) >= max_stars:
             break
     stars = stars.take(np.argsort(-stars.flux, kind="stable")[:max_stars])
-    pixel_noise = noise * (np.sqrt(2.0) if greens is not None else 2.0)
     bright = np.flatnonzero(~stars.saturated & (stars.peak >= _PROFILE_MIN_PEAK_SIGMA * pixel_noise))
     factor = _profile_factor(mosaic, stars.take(bright[:_PROFILE_STARS]), green_parity)
     return StarList(
