@@ -1,20 +1,29 @@
 """The CUDA C kernels' CPU build against the NumPy reference, per kernel, on full-size DWARF 3 frames.
 
-Run: ``python benchmarks/bench_kernels.py [--repeat 3] [--frames 40] [--tile-rows 256]``.
+Run: ``python benchmarks/bench_kernels.py [--repeat 3] [--frames 40] [--tile-rows 256] [--threads 2]
+[--clip-frames 40 120]``.
 
-Per kernel, on a 3856 x 2180 frame (the sigma clip on ``--frames`` frames of a ``--tile-rows`` x 3856 tile):
-the best wall time of ``--repeat`` runs of the NumPy reference (:mod:`dwarf3gpu.fitsio`, ``debayer``, ``stars``,
-``warp``, ``stack``) and of the CPU build of ``kernels/*.cu`` with every core and with one OpenMP thread; the
-kernel's full frames per second (for the clip, frame-sized inputs per second: ``frames x tile / frame``) and bytes
-moved per second (the kernel's input plus output bytes over its time). The clip is also compared with
-``astropy.stats.sigma_clip`` (``axis=0``, ``masked=False``, same options; then ``nanmean`` over the frames) on the
-same stack, with each one's peak extra memory from ``tracemalloc``. Nothing is asserted: the numbers are printed
-and saved to ``benchmarks/results/``.
+Per kernel, on a 3856 x 2180 frame (the sigma clip on ``--frames`` frames of a ``--tile-rows`` x 3856 tile, with a
+5 % mask): the best wall time of ``--repeat`` runs of the NumPy reference (:mod:`dwarf3gpu.fitsio`, ``debayer``,
+``stars``, ``warp``, ``stack``; the clip with ``--threads`` workers) and of the CPU build of ``kernels/*.cu`` with
+``--threads`` OpenMP threads and with one; the kernel's full frames per second (for the clip, frame-sized inputs
+per second: ``frames x tile / frame``) and bytes moved per second (the kernel's input plus output bytes over its
+time).
+
+Then the clip against ``astropy.stats.sigma_clip`` (``axis=0``, ``masked=False``, same options; then ``nanmean``
+over the frames; astropy runs on one thread), for each ``--clip-frames`` count on a (frames, tile rows, 3856)
+float32 stack with 2 % outliers and no mask: median/mad_std, median/std and mean/std; the NumPy reference
+(``sigma_clip_mask_aware``, ``--threads`` workers) and the CPU build (``--threads`` and one OpenMP thread). Each
+row gives the best wall time (astropy: one run), its speed-up over astropy and over the NumPy reference, and the
+peak extra memory from ``tracemalloc`` (a separate run). The 1-minute load average before and after is printed
+and saved: the machines are shared. Nothing is asserted: the numbers are printed and saved to
+``benchmarks/results/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tracemalloc
 from pathlib import Path
@@ -62,7 +71,7 @@ def _inputs(frames: int, tile_rows: int) -> dict[str, np.ndarray]:
     }
 
 
-def _cases(ops, d: dict[str, np.ndarray], frames: int, tile_rows: int) -> list[tuple]:
+def _cases(ops, d: dict[str, np.ndarray], frames: int, tile_rows: int, threads: int) -> list[tuple]:
     """(name, reference, kernel, frame equivalents, bytes moved) per kernel."""
     t = np.radians(10.0)
     A = np.array([[np.cos(t), -np.sin(t), 30.0], [np.sin(t), np.cos(t), -20.0]])
@@ -90,11 +99,47 @@ def _cases(ops, d: dict[str, np.ndarray], frames: int, tile_rows: int) -> list[t
          lambda: ops.warp_bayer_planes(d["mosaic"], "RGGB", A, shape), 1, px * 13),
         *[(f"sigma clip {frames} fr, {cen}/{spread}",
            lambda cen=cen, spread=spread: stack.sigma_clip_mask_aware(d["clip"], d["valid"], cenfunc=cen,
-                                                                      stdfunc=spread),
+                                                                      stdfunc=spread, workers=threads),
            lambda cen=cen, spread=spread: ops.sigma_clip(d["clip"], d["valid"], cenfunc=cen, stdfunc=spread),
            per_clip, clip_bytes)
           for cen, spread in [("median", "mad_std"), ("median", "std"), ("mean", "std")]],
     ]
+
+
+def _clip_vs_astropy(ops, lib, frames: int, tile_rows: int, threads: int, repeat: int) -> list[dict]:
+    """Rows of the astropy comparison for one frame count (see the module docstring)."""
+    rng = np.random.default_rng(frames)
+    stack_ = rng.normal(1000, 30, (frames, tile_rows, WIDTH)).astype(np.float32)
+    stack_[rng.random(stack_.shape) < 0.02] += 3000
+    rows = []
+    for cen, spread in [("median", "mad_std"), ("median", "std"), ("mean", "std")]:
+        def astropy_clip(cen=cen, spread=spread):
+            clipped = sigma_clip(stack_, sigma=3.0, maxiters=5, cenfunc=cen, stdfunc=spread, axis=0, masked=False)
+            return np.nanmean(clipped, axis=0)
+
+        def cpu_build(n_threads, cen=cen, spread=spread):
+            lib.set_threads(n_threads)
+            try:
+                return ops.sigma_clip(stack_, cenfunc=cen, stdfunc=spread)
+            finally:
+                lib.set_threads(0)
+
+        candidates = {
+            "astropy sigma_clip + nanmean (1 thread)": (astropy_clip, 1),
+            f"dwarf3gpu NumPy reference ({threads} threads)": (lambda cen=cen, spread=spread: (
+                stack.sigma_clip_mask_aware(stack_, cenfunc=cen, stdfunc=spread, workers=threads)), repeat),
+            f"dwarf3gpu CPU build ({threads} threads)": (lambda: cpu_build(threads), repeat),
+            "dwarf3gpu CPU build (1 thread)": (lambda: cpu_build(1), repeat),
+        }
+        times = {}
+        for name, (func, runs) in candidates.items():
+            times[name] = best_of(func, runs)[0]
+        astropy_s, numpy_s = list(times.values())[:2]
+        for name, (func, _) in candidates.items():
+            rows.append({"frames": frames, "clip": f"{cen}/{spread}", "implementation": name, "s": times[name],
+                         "x_vs_astropy": astropy_s / times[name], "x_vs_numpy": numpy_s / times[name],
+                         "extra_MiB": _peak_mib(func)})
+    return rows
 
 
 def main() -> None:
@@ -102,42 +147,36 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--frames", type=int, default=40)
     parser.add_argument("--tile-rows", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2, help="OpenMP threads of the CPU build, workers of NumPy")
+    parser.add_argument("--clip-frames", type=int, nargs="*", default=[40, 120],
+                        help="frame counts of the comparison with astropy")
     args = parser.parse_args()
     lib = native.load()
     ops = native.native_ops()
+    load_before = os.getloadavg()[0]
     d = _inputs(args.frames, args.tile_rows)
     rows = []
-    for name, reference, kernel, frames, nbytes in _cases(ops, d, args.frames, args.tile_rows):
+    for name, reference, kernel, frames, nbytes in _cases(ops, d, args.frames, args.tile_rows, args.threads):
         ref_s = best_of(reference, args.repeat)[0]
         lib.set_threads(1)
         one_s = best_of(kernel, args.repeat)[0]
-        lib.set_threads(0)
+        lib.set_threads(args.threads)
         all_s = best_of(kernel, args.repeat)[0]
+        lib.set_threads(0)
         rows.append({"kernel": name, "numpy_s": ref_s, "cpu_build_s": all_s, "cpu_build_1thr_s": one_s,
                      "speedup": ref_s / all_s, "frames_per_s": frames / all_s, "GB_per_s": nbytes / all_s / 1e9})
     m = machine()
-    print_table(f"Kernels, CPU build vs NumPy, {WIDTH}x{HEIGHT}, {m['cpu']} ({m['cores']} cores)", rows)
+    print_table(f"Kernels, CPU build ({args.threads} threads) vs NumPy, {WIDTH}x{HEIGHT}, {m['cpu']} "
+                f"({m['cores']} cores), load average {load_before:.2f}", rows)
 
     clip_rows = []
-    stack_ = d["clip"]
-    for cen, spread in [("median", "mad_std"), ("median", "std"), ("mean", "std")]:
-        def astropy_clip(cen=cen, spread=spread):
-            clipped = sigma_clip(stack_, sigma=3.0, maxiters=5, cenfunc=cen, stdfunc=spread, axis=0, masked=False)
-            return np.nanmean(clipped, axis=0)
-
-        candidates = {
-            "astropy sigma_clip + nanmean": astropy_clip,
-            "dwarf3gpu NumPy reference": lambda cen=cen, spread=spread: stack.sigma_clip_mask_aware(
-                stack_, cenfunc=cen, stdfunc=spread),
-            "dwarf3gpu CPU build": lambda cen=cen, spread=spread: ops.sigma_clip(stack_, cenfunc=cen, stdfunc=spread),
-        }
-        for name, func in candidates.items():
-            seconds = best_of(func, 1 if name.startswith("astropy") else args.repeat)[0]
-            clip_rows.append({"clip": f"{cen}/{spread}", "implementation": name, "s": seconds,
-                              "extra_MiB": _peak_mib(func)})
-    print_table(f"Sigma clip of {stack_.shape[0]} x {stack_.shape[1]} x {stack_.shape[2]} float32 "
-                f"({stack_.nbytes / 2**20:.0f} MiB), no mask", clip_rows)
-    print("saved", save("kernels", rows, {"clip_vs_astropy": clip_rows, "args": vars(args)}))
+    for frames in args.clip_frames:
+        clip_rows += _clip_vs_astropy(ops, lib, frames, args.tile_rows, args.threads, args.repeat)
+    load_after = os.getloadavg()[0]
+    print_table(f"Sigma clip of (frames) x {args.tile_rows} x {WIDTH} float32, no mask, against astropy "
+                f"(load average {load_before:.2f} before, {load_after:.2f} after)", clip_rows)
+    print("saved", save("kernels", rows, {"clip_vs_astropy": clip_rows, "args": vars(args),
+                                          "load_average": [load_before, load_after]}))
 
 
 if __name__ == "__main__":

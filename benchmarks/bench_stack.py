@@ -12,9 +12,9 @@ frames stacks the first ``N`` lights (a frame list), so the 40-frame run uses th
 frame_list=...)`` runs in a fresh child process per ``N``. Per-stage times come from the result's
 ``stats["timings_s"]`` (measure, register, stack, finish, total). The stack stage is split further, in the child,
 by the progress callback (time of the ``backgrounds`` pass) and by a timing wrapper around
-``dwarf3gpu.stack._clip_into`` (the clipping of every band); the rest of a band is rendering (read, debayer,
-warp, normalise, copy into the band buffer), and what remains of the stage is the reference-frame render for the
-noise gain. Peak memory: the child's own peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``, i.e. VmHWM; about
+``CpuBackend.clip_into`` (the clipping of every tile, the CPU build of ``kernels/sigma_clip.cu`` or NumPy); the
+rest of a tile is rendering (read, debayer, warp, normalise, copy into the tile buffer), and what remains of the
+stage is the reference-frame render for the noise gain. Peak memory: the child's own peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``, i.e. VmHWM; about
 0.5 GB of it is the interpreter and the imported libraries, ``peak_rss_self_before`` in the JSON) and the peak of
 the summed RSS of the child and all its descendants (the analysis process pool, its fork server), polled every
 0.1 s from this process. ``RUSAGE_CHILDREN`` is not used: the fork server is reaped only at exit, and a
@@ -27,8 +27,10 @@ the same deterministic result) and the pipeline's own frame renderer (``pipeline
 an (N, 3, rows, 3856) float32 stack, NaN where a frame does not cover a pixel. On that array, with sigma 3, 5
 iterations, median centre and ``mad_std`` spread (the pipeline's defaults):
 
-- ours: ``sigma_clip_mask_aware(stack, valid, ...)`` with 1 thread and with ``--workers`` threads (clipping and
-  mean of the kept samples in one call);
+- ours: ``sigma_clip_mask_aware(stack, valid, ...)`` (the NumPy reference) with 1 thread and with ``--workers``
+  threads (clipping and mean of the kept samples in one call), and the CPU build of ``kernels/sigma_clip.cu``
+  (``native_ops().sigma_clip``, what the CPU backend clips with) with 1 and ``--workers`` OpenMP threads, plus
+  its agreement with the NumPy reference (rejected counts, largest mean difference);
 - astropy: ``sigma_clip(stack, axis=0, sigma=3, maxiters=5, cenfunc="median", stdfunc="mad_std",
   return_bounds=True)`` (its fast C path, one thread), then ``.mean(axis=0)`` of the masked result.
 
@@ -124,12 +126,12 @@ def _run_child(mode: str, params: dict, out_json: Path) -> tuple[dict, int, floa
 
 def _child_stack(p: dict) -> dict:
     """Run stack_session once; per-stage times, split of the stack stage, peak RSS, tile plan."""
-    import dwarf3gpu.stack as stackmod
+    from dwarf3gpu.backends.cpu import CpuBackend
     from dwarf3gpu.config import StackConfig
     from dwarf3gpu.pipeline import stack_session
 
     clip_s = [0.0]
-    original = stackmod._clip_into
+    original = CpuBackend.clip_into
 
     def timed_clip(*args, **kwargs):
         t0 = time.perf_counter()
@@ -138,7 +140,7 @@ def _child_stack(p: dict) -> dict:
         finally:
             clip_s[0] += time.perf_counter() - t0
 
-    stackmod._clip_into = timed_clip
+    CpuBackend.clip_into = timed_clip
     marks: dict[str, list[float]] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -225,6 +227,23 @@ def _ours(data, valid, workers):
                                  workers=workers)
 
 
+def _cpu_build(data, valid, threads):
+    """The CPU build of kernels/sigma_clip.cu (what the pipeline's CPU backend clips with), ``threads`` OpenMP
+    threads; None when no C++ compiler is available."""
+    from dwarf3gpu.backends import native
+    from dwarf3gpu.errors import BackendUnavailableError
+
+    try:
+        lib, ops = native.load(), native.native_ops()
+    except BackendUnavailableError:
+        return None
+    lib.set_threads(threads)
+    try:
+        return ops.sigma_clip(data, valid, sigma=SIGMA, maxiters=MAXITERS, cenfunc=CENFUNC, stdfunc=STDFUNC)
+    finally:
+        lib.set_threads(0)
+
+
 def _astropy(data):
     from astropy.stats import sigma_clip
 
@@ -260,6 +279,16 @@ def _child_clip(p: dict) -> dict:
 
     ours1 = best_of(lambda: _ours(data, valid, 1), repeat)
     oursw = best_of(lambda: _ours(data, valid, workers), repeat)
+    built = _cpu_build(data, valid, workers) is not None
+    kern1 = best_of(lambda: _cpu_build(data, valid, 1), repeat) if built else (None, None)
+    kernw = best_of(lambda: _cpu_build(data, valid, workers), repeat) if built else (None, None)
+    mem_kern = _traced_peak(lambda: _cpu_build(data, valid, workers)) if built else None
+    if built:  # the CPU build decides exactly as the reference: same coverage, rejected counts, means to rounding
+        kern, ref = _cpu_build(data, valid, workers), _ours(data, valid, workers)
+        kernel_same_rejected = float(np.mean(kern.rejected == ref.rejected))
+        kernel_mean_max_diff = float(np.nanmax(np.abs(kern.mean.astype(np.float64) - ref.mean)))
+    else:
+        kernel_same_rejected = kernel_mean_max_diff = None
     astro_clip_times, astro_times = [], []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -307,6 +336,10 @@ def _child_clip(p: dict) -> dict:
         "astropy_best_s": min(astro_times), "astropy_median_s": statistics.median(astro_times),
         "astropy_clip_best_s": min(astro_clip_times),
         "mem_ours_w1": mem_ours1, "mem_ours_w": mem_oursw, "mem_astropy": mem_astro,
+        "kernel_w1_best_s": kern1[0], "kernel_w1_median_s": kern1[1],
+        "kernel_w_best_s": kernw[0], "kernel_w_median_s": kernw[1], "mem_kernel_w": mem_kern,
+        "kernel_rejected_same_as_numpy_fraction": kernel_same_rejected,
+        "kernel_mean_max_abs_diff_vs_numpy": kernel_mean_max_diff,
         "bounds_identical_fraction": float(np.mean((lo == alo)[finite_bounds] & (hi == ahi)[finite_bounds])),
         "bounds_nan_pattern_same": bool(np.array_equal(np.isnan(lo), np.isnan(np.asarray(alo, float)))),
         "kept_same_sample_fraction": float(same_sample.mean()),
@@ -428,8 +461,13 @@ def main() -> None:
             ("ours sigma_clip_mask_aware, 1 thread", c["ours_w1_best_s"], c["ours_w1_median_s"], c["mem_ours_w1"]),
             (f"ours sigma_clip_mask_aware, {args.workers} threads", c["ours_w_best_s"], c["ours_w_median_s"],
              c["mem_ours_w"]),
+            ("CPU build of sigma_clip.cu, 1 thread", c["kernel_w1_best_s"], c["kernel_w1_median_s"], c["mem_kernel_w"]),
+            (f"CPU build of sigma_clip.cu, {args.workers} threads", c["kernel_w_best_s"], c["kernel_w_median_s"],
+             c["mem_kernel_w"]),
             ("astropy sigma_clip + masked mean (1 thread)", ref, c["astropy_median_s"], c["mem_astropy"]),
         ):
+            if best is None:
+                continue
             clip_rows.append({"frames": n, "stack": shape, "method": label, "best_s": best, "median_s": med,
                               "speedup_vs_astropy": ref / best, "extra_mem_mib": mem / MIB,
                               "mem_vs_astropy": mem / c["mem_astropy"]})
@@ -447,6 +485,8 @@ def main() -> None:
             "mean_level": c["mean_level"],
             "ours_vs_f64_max": c["ours_vs_float64_max_abs"],
             "astropy_vs_f64_max": c["astropy_vs_float64_max_abs"],
+            "cpu_build_rejected_same_as_numpy": c["kernel_rejected_same_as_numpy_fraction"],
+            "cpu_build_mean_max_diff_vs_numpy": c["kernel_mean_max_abs_diff_vs_numpy"],
         })
 
     title = f"{width}x{height}, alt-az, --debayer rgb, workers={args.workers}, {m['cpu']} ({m['cores']} cores)"

@@ -13,9 +13,10 @@ from .cache import settings_hash
 from .errors import ConfigError
 from .quality import SCORE_METHODS, SelectionLimits
 
-__all__ = ["StackConfig", "DEBAYER_MODES"]
+__all__ = ["StackConfig", "DEBAYER_MODES", "DEMOSAIC_METHODS"]
 
 DEBAYER_MODES = ("rgb", "bayer-first", "superpixel", "none")
+DEMOSAIC_METHODS = ("lattice", "bilinear", "mhc")
 #: Settings that cannot change any output byte, left out of :meth:`StackConfig.settings_hash`.
 _NOT_HASHED = ("memory_budget", "device")
 
@@ -36,13 +37,18 @@ class StackConfig:
     max_fwhm, min_stars, max_eccentricity, min_transparency, max_background : optional hard limits
         See :class:`~dwarf3gpu.quality.SelectionLimits`.
     debayer : {"rgb", "bayer-first", "superpixel", "none"}
-        ``rgb``: debayer every frame (bilinear) then warp (strong field rotation); ``bayer-first``: stack the
-        mosaics, debayer the master; ``superpixel``: half-resolution RGB; ``none``: CFA master with BAYERPAT.
+        ``rgb``: full-resolution RGB from every frame on the reference grid (strong field rotation; how: see
+        ``demosaic``); ``bayer-first``: stack the mosaics, debayer the master; ``superpixel``: half-resolution RGB;
+        ``none``: CFA master with BAYERPAT.
     interpolation : {"bilinear", "bicubic"}
-        Warp kernel (bicubic is sharper).
-    demosaic : {"bilinear", "mhc"}
-        Per-frame demosaic of the ``rgb`` mode: normalised-convolution bilinear (default) or Malvar-He-Cutler
-        (sharper, linear; see METHODS.md, "Debayer").
+        Warp kernel of every mode except ``rgb`` with ``demosaic="lattice"`` (bicubic is sharper).
+    demosaic : {"lattice", "bilinear", "mhc"}
+        How the ``rgb`` mode makes RGB. ``lattice`` (default): no separate demosaic, each colour is resampled
+        straight from its own CFA lattice at the warped position (Lanczos-5 on the green quincunx, Lanczos-3 on the
+        red and blue lattices: one interpolation, ``interpolation`` does not apply); ``bilinear`` (normalised
+        convolution) or ``mhc`` (Malvar-He-Cutler): demosaic each frame, then warp with ``interpolation``. The
+        lattice resampling keeps undersampled stars sharp (master FWHM within 5 % of an ideal stack, against 22 %
+        for bilinear + bilinear; see METHODS.md, "Warp").
     sigma, sigma_lower, sigma_upper, maxiters, cenfunc, stdfunc : sigma clipping
         astropy ``sigma_clip`` semantics; ``sigma_lower``/``sigma_upper`` default to ``sigma``. The default spread
         is ``mad_std``: with the plain standard deviation one outlier among N samples can never lie more than
@@ -86,7 +92,7 @@ class StackConfig:
     max_background: float | None = None
     debayer: str = "rgb"
     interpolation: str = "bilinear"
-    demosaic: str = "bilinear"
+    demosaic: str = "lattice"
     sigma: float = 3.0
     sigma_lower: float | None = None
     sigma_upper: float | None = None
@@ -109,7 +115,7 @@ class StackConfig:
     def __post_init__(self):
         _choice("debayer", self.debayer, DEBAYER_MODES)
         _choice("interpolation", self.interpolation, ("bilinear", "bicubic"))
-        _choice("demosaic", self.demosaic, ("bilinear", "mhc"))
+        _choice("demosaic", self.demosaic, DEMOSAIC_METHODS)
         _choice("cenfunc", self.cenfunc, ("median", "mean"))
         _choice("stdfunc", self.stdfunc, ("std", "mad_std"))
         _choice("normalisation", self.normalisation, ("additive", "multiplicative", "none"))

@@ -34,7 +34,7 @@ from .register import even_pixel_shift
 from .session import Session, discover
 from .stack import crop_to_coverage, default_memory_budget, normalisation, plan_tiles, stack_tiles
 from .stretch import make_quicklook, write_preview_png, write_preview_tiff
-from .warp import source_window, window_margin
+from .warp import LATTICE_MARGIN, source_window, warp_lattice, window_margin
 
 __all__ = ["StackResult", "stack_session", "load_transforms_file", "save_transforms_file"]
 
@@ -330,6 +330,7 @@ def _stack(
             sigma_lower=config.sigma_bounds[0], sigma_upper=config.sigma_bounds[1], maxiters=config.maxiters,
             cenfunc=config.cenfunc, stdfunc=config.stdfunc, executor=pool,
             progress=(lambda done, total: progress("stacking", done, total)) if progress else None,
+            clip=getattr(backend, "clip_into", None),
         )
     finally:
         if pool is not None:
@@ -397,7 +398,9 @@ class _FrameRenderer:
                 src_origin=(r0, c0), method=method, feather_px=self.config.feather_px / 2, src_size=half,
             )
             return _normalise(warped, offset, scale), valid, weight
-        margin = window_margin(method, bayer_planes=self.cfa) + (0 if self.cfa else DEBAYER_MARGIN)
+        lattice = not self.cfa and self.config.demosaic == "lattice"
+        margin = (LATTICE_MARGIN if lattice
+                  else window_margin(method, bayer_planes=self.cfa) + (0 if self.cfa else DEBAYER_MARGIN))
         r0, r1, c0, c1 = source_window(A, out_shape, out_origin, (height, width), margin)
         band = _read_mosaic(record.frame.path, (r0, r1))[:, c0:c1].astype(np.float32)
         common = dict(out_origin=out_origin, src_origin=(r0, c0), src_size=(height, width), method=method,
@@ -406,6 +409,11 @@ class _FrameRenderer:
             warped, valid, weight = self.backend.warp_bayer_planes(band, self.pattern, A, out_shape, **common)
             channel = _cfa_channel_map(self.pattern, out_origin, out_shape)
             return _normalise(warped[None], offset[channel], scale[channel]), valid, weight
+        if lattice:  # each colour straight from its own CFA lattice: no separate demosaic (METHODS.md, "Warp")
+            resample = getattr(self.backend, "warp_lattice", warp_lattice)  # the NumPy reference on other backends
+            del common["method"]
+            warped, valid, weight = resample(band, self.pattern, A, out_shape, **common)
+            return _normalise(warped, offset, scale), valid, weight
         if self.config.demosaic == "mhc":
             rgb = debayer_mhc(band, self.pattern, origin=(r0, c0))
         else:

@@ -1094,6 +1094,7 @@ def stack_tiles(
     stdfunc: str = "std",
     executor: Executor | None = None,
     progress: Callable[[int, int], None] | None = None,
+    clip: Callable[..., None] | None = None,
 ) -> ClipResult:
     """Stack frames tile by tile: render every frame's part of a tile, sigma-clip, write the outputs.
 
@@ -1124,6 +1125,12 @@ def stack_tiles(
         Runs the frame renders and the clipping chunks concurrently (a thread pool); None: the calling thread.
     progress : callable, optional
         ``progress(done, n_tiles)`` after each tile.
+    clip : callable, optional
+        The clipping step, called once per tile with the arguments of (and in place of) the NumPy reference
+        step ``_clip_into`` (the default): the tile's (N, C, P) data, (N, 1, P) valid and weight views, the frame
+        weights, the settings, and (C, P) mean, (1, P) coverage and (C, P) rejected views to write. A backend
+        passes its kernel here (``KernelOps.clip_into``: the same decisions, means within float32 rounding). It
+        must give every pixel a result that depends on that pixel's samples only, as the reference does.
 
     Returns
     -------
@@ -1174,7 +1181,7 @@ def stack_tiles(
             weight_buf[k, :n_pix] = np.reshape(weight, n_pix)
 
         _run(executor, fill, range(n_frames))
-        _clip_into(
+        (clip or _clip_into)(
             data_buf[:, :, :n_pix], valid_buf[:, None, :n_pix], weight_buf[:, None, :n_pix], fw, cfg,
             tile_mean[:, :n_pix], tile_coverage[:, :n_pix], tile_rejected[:, :n_pix], None, executor,
         )

@@ -13,6 +13,9 @@ the source into bands. Sample values are float32.
 - :func:`shift_integer`: the exact even-pixel shift of the Bayer-safe mode.
 - :func:`warp_bayer_planes`: a mosaic warped as its four half-resolution Bayer planes and
   re-interleaved, keeping the pattern's phase at the output's absolute position.
+- :func:`warp_lattice`: a mosaic resampled straight to RGB, every colour interpolated from its
+  own CFA lattice (Lanczos-5 on the green quincunx, Lanczos-3 on red and blue): one
+  interpolation instead of a demosaic and a warp (the default of ``--debayer rgb``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ __all__ = [
     "shift_integer",
     "plane_transform",
     "warp_bayer_planes",
+    "warp_lattice",
+    "lanczos_table",
     "WARP_METHODS",
+    "LATTICE_LOBES",
+    "LATTICE_MARGIN",
+    "LANCZOS_PHASES",
 ]
 
 WARP_METHODS = ("bilinear", "bicubic")
@@ -488,3 +496,224 @@ def warp_bayer_planes(
         for target, plane in zip((warped, valid, weight), result):
             target[out_r::2, out_c::2] = plane
     return warped, valid, weight
+
+
+# ------------------------------------------------------------------------------------------ lattice warp
+
+LANCZOS_PHASES = 1024
+"""Sub-sample phases of the Lanczos weight tables: lattice coordinates are rounded to 1 / LANCZOS_PHASES of a
+lattice step (at most 0.0007 pixel on the green lattice, 0.001 pixel on the red/blue ones)."""
+
+LATTICE_LOBES = {"G": 5, "RB": 3}
+"""Lanczos lobes ``n`` of :func:`warp_lattice`: Lanczos-5 on the green quincunx (step sqrt(2) pixels), Lanczos-3 on
+the red and blue lattices (step 2 pixels); the kernels reach about 7 and 6 pixels along the lattice axes."""
+
+LATTICE_MARGIN = 11
+"""Margin for :func:`source_window` that covers every tap of :func:`warp_lattice` (the green kernel's corners
+lie up to 10 pixels from the source point along the frame axes, plus 1 for the phase rounding)."""
+
+
+def lanczos_table(lobes: int, phases: int = LANCZOS_PHASES) -> np.ndarray:
+    """Normalised Lanczos weights for every sub-sample phase: float32 (phases, 2 lobes).
+
+    Row ``p`` holds the weights of the taps ``k = -(lobes - 1) .. lobes`` for a point at ``base + p / phases``:
+    ``L(k - t)`` with ``L(d) = sinc(d) sinc(d / lobes)`` (``sinc(x) = sin(pi x) / (pi x)``), ``t = p / phases``,
+    divided by their sum (float64), then rounded to float32. Row 0 is exactly 1 on the tap ``k = 0`` and 0
+    elsewhere. The table is computed once on the host and handed to the kernels, so no platform's ``sin`` enters
+    a resampled value.
+    """
+    taps = np.arange(-(lobes - 1), lobes + 1, dtype=np.float64)
+    t = np.arange(phases, dtype=np.float64)[:, None] / phases
+    d = taps[None, :] - t
+    w = np.sinc(d) * np.sinc(d / lobes)
+    w /= w.sum(axis=1, keepdims=True)
+    w[0] = taps == 0
+    return w.astype(np.float32)
+
+
+_LANCZOS_TABLES: dict[int, np.ndarray] = {}
+
+
+def _lanczos(lobes: int) -> np.ndarray:
+    """Cached :func:`lanczos_table` (read-only)."""
+    table = _LANCZOS_TABLES.get(lobes)
+    if table is None:
+        table = lanczos_table(lobes)
+        table.flags.writeable = False
+        _LANCZOS_TABLES[lobes] = table
+    return table
+
+
+def _quantise(coord: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(base, phase)`` of lattice coordinates rounded to 1 / LANCZOS_PHASES: ``q = floor(coord P + 0.5)``,
+    ``base = floor(q / P)``, ``phase = q - base P`` (float64, then int64)."""
+    q = np.floor(coord * float(LANCZOS_PHASES) + 0.5).astype(np.int64)
+    base = q // LANCZOS_PHASES
+    return base, q - base * LANCZOS_PHASES
+
+
+def _lattice_sum(flat: np.ndarray, first: np.ndarray, inner: int, outer: int, w_inner: np.ndarray,
+                 w_outer: np.ndarray, centre: int) -> np.ndarray:
+    """Separable interpolation over a lattice of taps ``first + k outer + m inner`` (flat indices), written
+    relative to the centre tap like :func:`_interpolate`: along the inner axis first (one line per outer tap),
+    then along the outer axis."""
+    n = w_inner.shape[1]
+    lines = []
+    for k in range(n):
+        row = first + k * outer
+        at_centre = np.take(flat, row + centre * inner)
+        line = at_centre.copy()
+        for m in range(n):
+            if m != centre:
+                term = np.take(flat, row + m * inner)
+                term -= at_centre
+                term *= w_inner[:, m]
+                line += term
+        lines.append(line)
+    out = lines[centre].copy()
+    for k, line in enumerate(lines):
+        if k != centre:
+            line -= lines[centre]
+            line *= w_outer[:, k]
+            out += line
+    return out
+
+
+def warp_lattice(
+    mosaic: np.ndarray,
+    pattern: str,
+    A: np.ndarray,
+    out_shape: tuple[int, int],
+    *,
+    out_origin: tuple[int, int] = (0, 0),
+    src_origin: tuple[int, int] = (0, 0),
+    src_size: tuple[int, int] | None = None,
+    feather_px: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resample a raw mosaic straight to RGB on the reference grid: every colour from its own CFA lattice.
+
+    One interpolation per output value, no separate demosaic. The source point of output pixel ``(X, Y)`` is
+    ``(xs, ys)`` as in :func:`warp_affine`; each colour is interpolated there from its own samples only, with a
+    separable Lanczos kernel in the coordinates of its lattice (weights from :func:`lanczos_table`, the lattice
+    coordinate rounded to 1 / :data:`LANCZOS_PHASES` of a step):
+
+    - R (site ``(rr, rc)``) and B: the lattice ``(2 j + c, 2 i + r)``, coordinates ``((xs - c) / 2, (ys - r) / 2)``,
+      Lanczos-3 (:data:`LATTICE_LOBES`), along x then y;
+    - G: the quincunx of the sites with ``(x + y) % 2 == g``, rotated 45 degrees: ``u = (xs + ys - g) / 2``,
+      ``v = (xs - ys - g) / 2`` (lattice point ``(U, V)`` is pixel ``(U + V + g, U - V)``), Lanczos-5 along v
+      then u.
+
+    Parameters
+    ----------
+    mosaic : numpy.ndarray
+        (H, W) raw frame or a band of one (uint16 or float).
+    pattern : {'RGGB', 'GRBG', 'GBRG', 'BGGR'}
+        Bayer pattern of the frame.
+    A : numpy.ndarray
+        (2, 3) affine, full-frame source pixel -> reference pixel.
+    out_shape : tuple of int
+        (rows, cols) of the output tile.
+    out_origin : tuple of int, optional
+        (row, col) of the tile in the reference grid.
+    src_origin : tuple of int, optional
+        (row, col) of ``mosaic[0, 0]`` in the frame (any parity).
+    src_size : tuple of int, optional
+        (height, width) of the full frame; None when ``mosaic`` is the whole frame.
+    feather_px : float, optional
+        Edge taper of ``weight`` in source pixels, as in :func:`warp_affine`.
+
+    Returns
+    -------
+    rgb : numpy.ndarray
+        float32 (3, rows, cols), R, G, B; 0 where not valid.
+    valid : numpy.ndarray
+        bool (rows, cols): every tap of all three kernels lies inside the source frame.
+    weight : numpy.ndarray
+        float32 (rows, cols), the feather weight of :func:`warp_affine`; 0 where not valid.
+
+    Raises
+    ------
+    ValueError
+        If the pattern is unknown, ``feather_px`` is negative, the mosaic is not 2-D, the band does not fit in
+        the frame, or the band lacks taps a valid pixel needs (cut it with :func:`source_window` and
+        :data:`LATTICE_MARGIN`).
+    """
+    if not feather_px >= 0.0:
+        raise ValueError(f"feather_px must be >= 0, got {feather_px}")
+    data = np.asarray(mosaic).astype(np.float32, copy=False)
+    if data.ndim != 2:
+        raise ValueError(f"expected a 2-D raw mosaic, got shape {data.shape}")
+    offsets = bayer_offsets(pattern)
+    src_origin = (int(src_origin[0]), int(src_origin[1]))
+    band_h, band_w = data.shape
+    height, width = _frame_size(data.shape, src_origin, src_size)
+    rows_out, cols_out = int(out_shape[0]), int(out_shape[1])
+    B = invert_transform(A)
+    flat = np.ascontiguousarray(data).ravel()
+    (rr, rc), (br, bc) = offsets["R"][0], offsets["B"][0]
+    g = (rr + rc + 1) % 2
+    n_rb, n_g = LATTICE_LOBES["RB"], LATTICE_LOBES["G"]
+    table_rb, table_g = _lanczos(n_rb), _lanczos(n_g)
+
+    rgb = np.zeros((3, rows_out, cols_out), np.float32)
+    valid = np.zeros((rows_out, cols_out), bool)
+    weight = np.zeros((rows_out, cols_out), np.float32)
+    cols_abs = np.arange(cols_out, dtype=np.float64) + int(out_origin[1])
+    x_of_col, y_of_col = B[0, 0] * cols_abs, B[1, 0] * cols_abs
+    step = max(1, _CHUNK_PIXELS // max(cols_out, 1))
+    for first in range(0, rows_out, step):
+        last = min(first + step, rows_out)
+        rows_abs = np.arange(first, last, dtype=np.float64) + int(out_origin[0])
+        xs = x_of_col[None, :] + (B[0, 1] * rows_abs + B[0, 2])[:, None]
+        ys = y_of_col[None, :] + (B[1, 1] * rows_abs + B[1, 2])[:, None]
+        # Red and blue: plane taps base - (n - 1) .. base + n must lie in the plane; pixel = 2 plane + site.
+        planes = []
+        ok = np.ones(xs.shape, bool)
+        for r, c in ((rr, rc), (br, bc)):
+            jx, px = _quantise((xs - c) * 0.5)
+            iy, py = _quantise((ys - r) * 0.5)
+            ok &= (jx >= n_rb - 1) & (jx + n_rb <= (width - c + 1) // 2 - 1)
+            ok &= (iy >= n_rb - 1) & (iy + n_rb <= (height - r + 1) // 2 - 1)
+            planes.append((r, c, jx, px, iy, py))
+        # Green: lattice taps U0 - (n - 1) .. U0 + n, V0 likewise; pixel (U + V + g, U - V), extremes at the corners.
+        u0, pu = _quantise(((xs + ys) - g) * 0.5)
+        v0, pv = _quantise(((xs - ys) - g) * 0.5)
+        reach = 2 * (n_g - 1)
+        ok &= (u0 + v0 - reach + g >= 0) & (u0 + v0 + 2 * n_g + g <= width - 1)
+        ok &= (u0 - v0 - (2 * n_g - 1) >= 0) & (u0 - v0 + (2 * n_g - 1) <= height - 1)
+        if not ok.any():
+            continue
+        # Every needed pixel must be in the band: the extremes over the valid pixels.
+        xg_lo, xg_hi = u0 + v0 - reach + g, u0 + v0 + 2 * n_g + g
+        yg_lo, yg_hi = u0 - v0 - (2 * n_g - 1), u0 - v0 + (2 * n_g - 1)
+        lows_x, highs_x, lows_y, highs_y = [xg_lo[ok]], [xg_hi[ok]], [yg_lo[ok]], [yg_hi[ok]]
+        for r, c, jx, _, iy, _ in planes:
+            lows_x.append(2 * (jx[ok] - (n_rb - 1)) + c)
+            highs_x.append(2 * (jx[ok] + n_rb) + c)
+            lows_y.append(2 * (iy[ok] - (n_rb - 1)) + r)
+            highs_y.append(2 * (iy[ok] + n_rb) + r)
+        for lows, highs, start, length, axis in ((lows_x, highs_x, src_origin[1], band_w, "columns"),
+                                                 (lows_y, highs_y, src_origin[0], band_h, "rows")):
+            low, high = min(int(a.min()) for a in lows), max(int(a.max()) for a in highs)
+            if low < start or high > start + length - 1:
+                raise ValueError(
+                    f"source band {axis} [{start}, {start + length}) lacks the taps [{low}, {high + 1}) needed by "
+                    "the output tile; cut it with source_window() and LATTICE_MARGIN"
+                )
+        for channel, (r, c, jx, px, iy, py) in zip((0, 2), planes):
+            first_tap = ((2 * (iy[ok] - (n_rb - 1)) + r - src_origin[0]) * band_w
+                         + (2 * (jx[ok] - (n_rb - 1)) + c - src_origin[1]))
+            values = _lattice_sum(flat, first_tap, 2, 2 * band_w, table_rb[px[ok]], table_rb[py[ok]], n_rb - 1)
+            rgb[channel, first:last][ok] = values
+        # G: inner axis v (pixel step (+1, -1)), outer axis u (pixel step (+1, +1)); first tap (U0 - n + 1, V0 - n + 1).
+        first_tap = (u0[ok] - v0[ok] - src_origin[0]) * band_w + (u0[ok] + v0[ok] - reach + g - src_origin[1])
+        values = _lattice_sum(flat, first_tap, 1 - band_w, 1 + band_w, table_g[pv[ok]], table_g[pu[ok]], n_g - 1)
+        rgb[1, first:last][ok] = values
+        valid[first:last] = ok
+        if feather_px > 0.0:
+            edge = np.minimum(np.minimum(xs + 0.5, (width - 0.5) - xs), np.minimum(ys + 0.5, (height - 0.5) - ys))
+            taper = np.clip(edge / feather_px, 0.0, 1.0).astype(np.float32)
+            np.copyto(weight[first:last], taper, where=ok)
+        else:
+            weight[first:last] = ok
+    return rgb, valid, weight

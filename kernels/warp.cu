@@ -1,7 +1,8 @@
 // Affine resampling onto the reference grid: bilinear or bicubic (Keys, a = -0.5), a validity mask and a
-// feather weight; and the same per Bayer plane. Reference: dwarf3gpu/warp.py (warp_affine,
-// warp_bayer_planes). The source coordinate of every output pixel is computed in float64 from its
-// ABSOLUTE reference position with the INVERSE affine B (frame <- reference), in the reference's order:
+// feather weight; the same per Bayer plane; and a raw mosaic straight to RGB, each colour from its own CFA
+// lattice with Lanczos weights. Reference: dwarf3gpu/warp.py (warp_affine, warp_bayer_planes, warp_lattice).
+// The source coordinate of every output pixel is computed in float64 from its ABSOLUTE reference position with
+// the INVERSE affine B (frame <- reference), in the reference's order:
 //   xs = B00 X + (B01 Y + B02),  ys = B10 X + (B11 Y + B12),
 // and the interpolation repeats the reference's float32 operations, so the results are bit-identical.
 //
@@ -164,4 +165,138 @@ extern "C" __global__ void d3_warp_bayer_planes(const float* mosaic, int band_h,
     plane.frame_w = (frame_w - c + 1) / 2;
     d3_warp_pixel(plane, plane_inverse + 6 * (2 * r + c), (double)((X - c) / 2), (double)((Y - r) / 2), method,
                   feather_px / 2.0, out, 0, i * out_w + j, valid, weight);
+}
+
+// ------------------------------------------------------------------------------------------ lattice warp
+// Reference: dwarf3gpu/warp.py (warp_lattice, lanczos_table, _quantise, _lattice_sum). Each colour is resampled
+// from its own CFA lattice with Lanczos weights read from host-computed tables (no sin on the device): R and B
+// on their 2-pixel lattices (D3_LATTICE_RB_LOBES), G on the quincunx in rotated coordinates (D3_LATTICE_G_LOBES).
+
+#define D3_LANCZOS_PHASES 1024
+#define D3_LATTICE_G_LOBES 5
+#define D3_LATTICE_RB_LOBES 3
+
+// Lattice coordinate rounded to 1 / D3_LANCZOS_PHASES: q = floor(coord P + 0.5), base = floor(q / P), phase.
+D3_DEVICE void d3_quantise(double coord, long long* base, int* phase) {
+    const long long q = (long long)floor(coord * (double)D3_LANCZOS_PHASES + 0.5);
+    const long long b = q >= 0 ? q / D3_LANCZOS_PHASES : -((-q + D3_LANCZOS_PHASES - 1) / D3_LANCZOS_PHASES);
+    *base = b;
+    *phase = (int)(q - b * D3_LANCZOS_PHASES);
+}
+
+// Separable sum over the N x N taps first + k outer + m inner (k outer tap, m inner tap), relative to the
+// centre tap N / 2 - 1 along the inner axis first, then along the outer axis (warp._lattice_sum).
+template <int N>
+D3_DEVICE float d3_lattice_sum(const float* band, long long first, long long inner, long long outer,
+                               const float* w_inner, const float* w_outer) {
+    const int centre = N / 2 - 1;
+    float line[N];
+    for (int k = 0; k < N; ++k) {
+        const float* row = band + first + k * outer;
+        const float at_centre = row[centre * inner];
+        float value = at_centre;
+        for (int m = 0; m < N; ++m) {
+            if (m == centre) continue;
+            float term = row[m * inner] - at_centre;
+            term = term * w_inner[m];
+            value = value + term;
+        }
+        line[k] = value;
+    }
+    float value = line[centre];
+    for (int k = 0; k < N; ++k) {
+        if (k == centre) continue;
+        float term = line[k] - line[centre];
+        term = term * w_outer[k];
+        value = value + term;
+    }
+    return value;
+}
+
+// Resample a raw mosaic band (band_h x band_w at (src_row0, src_col0) of a frame_h x frame_w frame with Bayer
+// pattern `pattern`) to RGB on an out_h x out_w reference tile at (out_row0, out_col0). `inverse` is B = A^-1
+// (6 doubles); table_rb / table_g are the Lanczos tables (D3_LANCZOS_PHASES rows of 2 lobes floats). 2-D grid,
+// one thread per output pixel; out (3, out_h, out_w), valid and weight (out_h, out_w). valid: 0 invalid, 1 valid,
+// 2 valid but a tap lies outside the band (the Python wrapper raises).
+extern "C" __global__ void d3_warp_lattice(const float* mosaic, int band_h, int band_w, int src_row0, int src_col0,
+                                           int frame_h, int frame_w, int pattern, const double* inverse,
+                                           const float* table_rb, const float* table_g, int out_h, int out_w,
+                                           int out_row0, int out_col0, double feather_px, float* out,
+                                           unsigned char* valid, float* weight) {
+    const long long j = d3_global_x(), i = d3_global_y();
+    if (i >= out_h || j >= out_w) return;
+    const long long plane = (long long)out_h * out_w, k = i * out_w + j;
+    const double X = (double)(out_col0 + j), Y = (double)(out_row0 + i);
+    const double xs = inverse[0] * X + (inverse[1] * Y + inverse[2]);
+    const double ys = inverse[3] * X + (inverse[4] * Y + inverse[5]);
+    const int red_r = pattern >> 1, red_c = pattern & 1;
+    const int site_r[2] = {red_r, 1 - red_r}, site_c[2] = {red_c, 1 - red_c};
+    const int g = (red_r + red_c + 1) & 1;
+    const int nrb = D3_LATTICE_RB_LOBES, ng = D3_LATTICE_G_LOBES;
+
+    bool ok = true;
+    long long jx[2], iy[2];
+    int px[2], py[2];
+    long long lo_x = 0, hi_x = 0, lo_y = 0, hi_y = 0;
+    for (int s = 0; s < 2; ++s) {
+        const int r = site_r[s], c = site_c[s];
+        d3_quantise((xs - (double)c) * 0.5, &jx[s], &px[s]);
+        d3_quantise((ys - (double)r) * 0.5, &iy[s], &py[s]);
+        ok = ok && jx[s] >= nrb - 1 && jx[s] + nrb <= (frame_w - c + 1) / 2 - 1;
+        ok = ok && iy[s] >= nrb - 1 && iy[s] + nrb <= (frame_h - r + 1) / 2 - 1;
+    }
+    long long u0, v0;
+    int pu, pv;
+    d3_quantise(((xs + ys) - (double)g) * 0.5, &u0, &pu);
+    d3_quantise(((xs - ys) - (double)g) * 0.5, &v0, &pv);
+    const long long reach = 2 * (ng - 1);
+    ok = ok && u0 + v0 - reach + g >= 0 && u0 + v0 + 2 * ng + g <= frame_w - 1;
+    ok = ok && u0 - v0 - (2 * ng - 1) >= 0 && u0 - v0 + (2 * ng - 1) <= frame_h - 1;
+    if (ok) {
+        lo_x = u0 + v0 - reach + g;
+        hi_x = u0 + v0 + 2 * ng + g;
+        lo_y = u0 - v0 - (2 * ng - 1);
+        hi_y = u0 - v0 + (2 * ng - 1);
+        for (int s = 0; s < 2; ++s) {
+            const long long x0 = 2 * (jx[s] - (nrb - 1)) + site_c[s], x1 = 2 * (jx[s] + nrb) + site_c[s];
+            const long long y0 = 2 * (iy[s] - (nrb - 1)) + site_r[s], y1 = 2 * (iy[s] + nrb) + site_r[s];
+            lo_x = x0 < lo_x ? x0 : lo_x;
+            hi_x = x1 > hi_x ? x1 : hi_x;
+            lo_y = y0 < lo_y ? y0 : lo_y;
+            hi_y = y1 > hi_y ? y1 : hi_y;
+        }
+    }
+    const bool in_band = lo_x >= src_col0 && hi_x <= src_col0 + (long long)band_w - 1 && lo_y >= src_row0 &&
+                         hi_y <= src_row0 + (long long)band_h - 1;
+    if (!ok || !in_band) {
+        out[k] = 0.0f;
+        out[plane + k] = 0.0f;
+        out[2 * plane + k] = 0.0f;
+        valid[k] = ok ? 2 : 0;
+        weight[k] = 0.0f;
+        return;
+    }
+    for (int s = 0; s < 2; ++s) {
+        const long long first = (2 * (iy[s] - (nrb - 1)) + site_r[s] - src_row0) * (long long)band_w +
+                                (2 * (jx[s] - (nrb - 1)) + site_c[s] - src_col0);
+        const float* wx = table_rb + (long long)px[s] * (2 * nrb);
+        const float* wy = table_rb + (long long)py[s] * (2 * nrb);
+        out[(s == 0 ? 0 : 2) * plane + k] =
+            d3_lattice_sum<2 * D3_LATTICE_RB_LOBES>(mosaic, first, 2, 2LL * band_w, wx, wy);
+    }
+    // G: inner axis v (pixel step (+1, -1)), outer axis u (pixel step (+1, +1)), first tap (U0 - 4, V0 - 4).
+    const long long first = (u0 - v0 - src_row0) * (long long)band_w + (u0 + v0 - reach + g - src_col0);
+    const float* wv = table_g + (long long)pv * (2 * ng);
+    const float* wu = table_g + (long long)pu * (2 * ng);
+    out[plane + k] = d3_lattice_sum<2 * D3_LATTICE_G_LOBES>(mosaic, first, 1 - (long long)band_w,
+                                                            1 + (long long)band_w, wv, wu);
+    valid[k] = 1;
+    if (feather_px > 0.0) {
+        const double ex = fmin(xs + 0.5, (frame_w - 0.5) - xs);
+        const double ey = fmin(ys + 0.5, (frame_h - 0.5) - ys);
+        const double taper = fmin(ex, ey) / feather_px;
+        weight[k] = (float)(taper < 0.0 ? 0.0 : (taper > 1.0 ? 1.0 : taper));
+    } else {
+        weight[k] = 1.0f;
+    }
 }

@@ -3,9 +3,13 @@
 The CPU build compiles the very files the GPU runs (kernels/*.cu), so these tests check the GPU kernels' logic
 on any machine with a C++ compiler. Tolerances: decode, debayer (bilinear, superpixel, luminance proxy), warps
 (bilinear, bicubic, Bayer planes; image, mask and feather weight) and histograms are bit-identical; sigma
-clipping has identical coverage and rejection counts (the bounds are bit-identical for median/mad_std; with a
-std spread they differ by float64 rounding, which only a sample within ~1e-15 of a bound could notice) and
-means within 1e-6 relative (float32 rounding of float64 sums taken in another order); moments within 1e-12.
+clipping has identical coverage, rejection counts and kept sets, sample by sample (the bounds are bit-identical
+for median/mad_std; with a std spread they differ by float64 rounding, which only a sample within ~1e-15 of a
+bound could notice), on fresh random stacks of 1 to 512 frames (both sort paths), ties, all-invalid pixels,
+every option; means within 1e-6 relative (float32 rounding of float64 sums taken in another order; near 0, 1e-12
+of the data's scale); moments within 1e-12. The clip step of ``stack_tiles`` on the kernel is checked against
+the reference step on strided tile views and for identical output across tile sizes, thread pools and OpenMP
+thread counts.
 Also: argument type checks, the source search order, compiler messages naming the file, ``nvcc --ptx`` of
 every kernel for sm_80 and sm_90, and a built wheel that ships and finds the sources.
 """
@@ -28,7 +32,8 @@ from dwarf3gpu.debayer import debayer_bilinear, debayer_superpixel
 from dwarf3gpu.errors import BackendUnavailableError
 from dwarf3gpu.fitsio import read_fits, read_layout, write_raw_uint16
 from dwarf3gpu.stars import luminance_proxy
-from dwarf3gpu.warp import shift_integer, source_window, warp_affine, warp_bayer_planes, window_margin
+from dwarf3gpu.warp import (LATTICE_MARGIN, shift_integer, source_window, warp_affine, warp_bayer_planes, warp_lattice,
+                             window_margin)
 
 REPO = Path(__file__).resolve().parents[1]
 PATTERNS = ("RGGB", "GRBG", "GBRG", "BGGR")
@@ -203,6 +208,51 @@ def test_warp_bayer_planes_bit_identical(ops, method, pattern):
         assert_same(g, w)
 
 
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_warp_lattice_bit_identical(ops, pattern):
+    rng = np.random.default_rng(13)
+    mosaic = rng.integers(0, 65536, (77, 93), dtype=np.uint16)
+    noisy = rng.normal(1000, 100, (77, 93)).astype(np.float32)
+    noisy[40, 50] = np.nan
+    cases = [(rigid(17.0, 40.3, -2.6), (70, 80), (3, -2), 0.0), (rigid(-101.0, 20.0, 90.0), (61, 47), (0, 0), 3.5),
+             (np.array([[1.02, 0.03, 0.6], [-0.01, 0.97, 1.4]]), (64, 49), (-5, 7), 0.0), (rigid(0.0, 2.0, -3.0), (1, 1), (30, 30), 0.0)]
+    nan_seen = False
+    for src in (mosaic, noisy):
+        for A, out_shape, out_origin, feather in cases:
+            got = ops.warp_lattice(src, pattern, A, out_shape, out_origin=out_origin, feather_px=feather)
+            want = warp_lattice(src, pattern, A, out_shape, out_origin=out_origin, feather_px=feather)
+            for g, w in zip(got, want):
+                assert_same(g, w)
+            nan_seen = nan_seen or bool(np.isnan(want[0]).any())
+    assert nan_seen  # a NaN sample propagates to the values whose kernels reach it
+
+
+@pytest.mark.parametrize("pattern", ["GRBG", "BGGR"])
+def test_warp_lattice_bands_and_edges(ops, pattern):
+    mosaic = np.random.default_rng(14).integers(0, 65536, (80, 90), dtype=np.uint16)
+    A = rigid(9.0, 3.7, -2.2)
+    out_shape, out_origin = (21, 37), (30, 25)
+    r0, r1, c0, c1 = source_window(A, out_shape, out_origin, mosaic.shape, LATTICE_MARGIN)
+    r0, c0 = r0 - 1, c0 - 1  # odd band origins
+    kw = dict(out_origin=out_origin, src_origin=(r0, c0), src_size=mosaic.shape, feather_px=2.0)
+    band = mosaic[r0:r1, c0:c1]
+    got, want = ops.warp_lattice(band, pattern, A, out_shape, **kw), warp_lattice(band, pattern, A, out_shape, **kw)
+    whole = ops.warp_lattice(mosaic, pattern, A, out_shape, out_origin=out_origin, feather_px=2.0)
+    for g, w, f in zip(got, want, whole):
+        assert_same(g, w)
+        assert_same(g, f)
+    assert got[1].all()
+    with pytest.raises(ValueError, match="lacks taps"):
+        ops.warp_lattice(band[6:], pattern, A, out_shape, **{**kw, "src_origin": (r0 + 6, c0)})
+    for shape in [(1, 1), (1, 6), (6, 1), (21, 21)]:  # sources too small for the kernels: nothing valid
+        src = mosaic[: shape[0], : shape[1]]
+        for g, w in zip(ops.warp_lattice(src, pattern, rigid(0.0, 0.0, 0.0), (3, 7)),
+                        warp_lattice(src, pattern, rigid(0.0, 0.0, 0.0), (3, 7))):
+            assert_same(g, w)
+    with pytest.raises(ValueError, match="pattern"):
+        ops.warp_lattice(mosaic, None, A, out_shape)
+
+
 # ------------------------------------------------------------------------------------------------- stacking
 
 
@@ -269,17 +319,215 @@ def test_sigma_clip_frame_limit(ops):
     assert_clip_equal(ops.sigma_clip(data, **kw), stack_module.sigma_clip_mask_aware(data, **kw))
 
 
+def _clip_case(rng, n, pixels, kind):
+    """(n, pixels) float32 samples: "noise" (with outliers and NaN), "ties" (few distinct integers, MAD often 0),
+    "adu" (rounded noise), or "tiny" (values near 0)."""
+    if kind == "ties":
+        data = rng.integers(0, 4, (n, pixels)).astype(np.float64)
+    elif kind == "tiny":
+        data = rng.normal(0.0, 1e-3, (n, pixels))
+    else:
+        data = rng.normal(1000.0, 30.0, (n, pixels))
+        if kind == "adu":
+            data = np.round(data)
+    hit = rng.random(data.shape) < 0.05
+    data[hit] += rng.uniform(3.0, 50.0, int(hit.sum())) * max(float(np.std(data)), 1.0)
+    data = data.astype(np.float32)
+    data[rng.random(data.shape) < 0.02] = np.nan
+    data[:, 0] = np.nan  # a pixel without valid samples
+    return data
+
+
+def assert_clip_close(got, want, data):
+    """Identical coverage and rejected counts; means within 1e-6 relative, or 1e-12 of the data's scale near 0
+    (a kept set of zeros: the reference's updated sums leave ~1e-15 where the kernel sums to exactly 0)."""
+    assert_same(got.coverage, want.coverage)
+    assert_same(got.rejected, want.rejected)
+    assert got.mean.dtype == np.float32
+    scale = float(np.nanmax(np.abs(data), initial=0.0))
+    np.testing.assert_allclose(got.mean, want.mean, rtol=1e-6, atol=1e-12 * scale, equal_nan=True)
+
+
+CLIP_OPTIONS = [("median", "mad_std"), ("median", "std"), ("mean", "std"), ("mean", "mad_std")]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 9, 40, 63, 64, 65, 127, 128, 129, 200, 300, 512])
+def test_sigma_clip_random_frame_counts(ops, n):
+    """Fresh random stacks of every size class of the kernel's sort (rank sort up to 128 samples, merged runs of
+    64 beyond, the 512 limit), every option, masks, weights, asymmetric bounds and maxiters None/1/5."""
+    rng = np.random.default_rng(1000 + n)
+    pixels = max(8, 3000 // n)
+    for trial, (kind, (cenfunc, stdfunc)) in enumerate(zip(["noise", "ties", "adu", "tiny"] * 2, CLIP_OPTIONS * 2)):
+        data = _clip_case(rng, n, pixels, kind)
+        kw = dict(cenfunc=cenfunc, stdfunc=stdfunc, sigma_lower=float(rng.choice([1.5, 2.0, 3.0])),
+                  sigma_upper=float(rng.choice([1.0, 2.5, 3.0])), maxiters=[None, 1, 5][trial % 3])
+        if trial % 2:
+            kw["valid"] = rng.random(data.shape) > 0.2
+        if trial % 4 == 3:
+            kw["weights"] = rng.uniform(0.0, 1.0, data.shape).astype(np.float32)
+            kw["frame_weights"] = rng.uniform(0.5, 2.0, n)
+        want = stack_module.sigma_clip_mask_aware(data, **kw)
+        assert_clip_close(ops.sigma_clip(data, **kw), want, data)
+
+
+@pytest.mark.parametrize("n", [7, 40, 150])
+@pytest.mark.parametrize("cenfunc, stdfunc", CLIP_OPTIONS)
+def test_sigma_clip_kept_sets_identical(ops, n, cenfunc, stdfunc):
+    """The kept set itself, sample by sample: the stack is repeated once per frame f along the pixels with a
+    weight of 1 on frame f only, so each copy's mean is exactly x_f where the sample is kept and NaN where not."""
+    rng = np.random.default_rng(n)
+    pixels = 40
+    for kind in ("noise", "ties", "adu"):
+        data = _clip_case(rng, n, pixels, kind)
+        valid = rng.random(data.shape) > 0.1
+        repeated = np.tile(data, (1, n))
+        weights = np.repeat(np.eye(n, dtype=np.float32), pixels, axis=1)
+        kw = dict(valid=np.tile(valid, (1, n)), weights=weights, cenfunc=cenfunc, stdfunc=stdfunc, sigma_lower=2.0,
+                  sigma_upper=2.5, maxiters=None)
+        want = stack_module.sigma_clip_mask_aware(repeated, **kw)
+        got = ops.sigma_clip(repeated, **kw)
+        assert_same(got.mean, want.mean)
+        assert_same(got.rejected, want.rejected)
+        kept = np.isfinite(want.mean).reshape(n, pixels)
+        lo, hi = stack_module.clip_bounds(data, valid, cenfunc=cenfunc, stdfunc=stdfunc, sigma_lower=2.0,
+                                          sigma_upper=2.5, maxiters=None)
+        with np.errstate(invalid="ignore"):
+            np.testing.assert_array_equal(kept, valid & (data >= lo) & (data <= hi))
+
+
+def test_sigma_clip_ties_and_degenerate_pixels(ops):
+    """Equal samples (MAD 0: only samples equal to the median stay), two-valued pixels, one valid sample, all
+    invalid, +-0, and huge finite values."""
+    n = 30
+    cols = [
+        np.full(n, 5.0),
+        np.r_[np.full(20, 5.0), np.full(10, 9.0)],
+        np.r_[np.full(16, 1.0), np.full(14, 2.0)],
+        np.r_[7.0, np.full(n - 1, np.nan)],
+        np.full(n, np.nan),
+        np.r_[np.full(15, 0.0), np.full(15, -0.0)],
+        np.r_[np.full(n - 2, 3.0e38), -3.0e38, 1.0],
+        np.r_[np.arange(n - 1, dtype=float), np.inf],
+    ]
+    data = np.stack(cols, axis=1).astype(np.float32)
+    for cenfunc, stdfunc in CLIP_OPTIONS:
+        for maxiters in (None, 1, 3):
+            kw = dict(cenfunc=cenfunc, stdfunc=stdfunc, maxiters=maxiters, sigma=1.0)
+            with np.errstate(over="ignore", invalid="ignore"):
+                want = stack_module.sigma_clip_mask_aware(data, **kw)
+                got = ops.sigma_clip(data, **kw)
+            assert_same(got.coverage, want.coverage)
+            assert_same(got.rejected, want.rejected)
+            np.testing.assert_allclose(got.mean, want.mean, rtol=1e-6, equal_nan=True)
+
+
+def _tile_views(rng, n, channels, pixels, spare):
+    """The stack_tiles layout: the first ``pixels`` of each plane of larger (N, C, P + spare), (N, P + spare)
+    buffers whose spare pixels hold NaN and garbage (the kernel must not read them)."""
+    data_buf = np.full((n, channels, pixels + spare), np.nan, np.float32)
+    valid_buf = np.ones((n, pixels + spare), bool)
+    weight_buf = np.full((n, pixels + spare), np.nan, np.float32)
+    data = rng.normal(500.0, 15.0, (n, channels, pixels)).astype(np.float32)
+    data[rng.random(data.shape) < 0.03] += 900.0
+    data_buf[:, :, :pixels] = data
+    valid_buf[:, :pixels] = rng.random((n, pixels)) > 0.1
+    valid_buf[:, :pixels] &= np.isfinite(data).all(axis=1)
+    weight_buf[:, :pixels] = rng.uniform(0.1, 1.0, (n, pixels))
+    return data_buf[:, :, :pixels], valid_buf[:, None, :pixels], weight_buf[:, None, :pixels]
+
+
+@pytest.mark.parametrize("n, cenfunc, stdfunc", [(13, "median", "mad_std"), (13, "mean", "std"), (150, "median", "std"),
+                                                  (600, "median", "mad_std"), (600, "mean", "std")])
+def test_clip_into_matches_the_reference_step(ops, n, cenfunc, stdfunc):
+    """KernelOps.clip_into, the clip step stack_tiles takes, on strided tile views with a shared mask and
+    weights, (1, P) coverage and chunking (P above one chunk for few frames); beyond the kernel's frame limit a
+    median/MAD clip falls back to the reference (bit-identical) and a mean/std clip re-reads the frames."""
+    rng = np.random.default_rng(n)
+    channels, pixels = 3, (stack_module.CHUNK_SAMPLES // 3 + 1000 if n == 13 else 500)
+    data, valid, weights = _tile_views(rng, n, channels, pixels, 37)
+    frame_weights = rng.uniform(0.5, 2.0, n)
+    cfg = stack_module._settings(3.0, 2.5, 3.0, 5, cenfunc, stdfunc)
+    outputs = []
+    for clip in (stack_module._clip_into, ops.clip_into):
+        for w, fw in ((None, None), (weights, frame_weights)):
+            mean = np.full((channels, pixels + 5), -1.0, np.float32)[:, :pixels]
+            coverage = np.full((1, pixels + 5), -1, np.int16)[:, :pixels]
+            rejected = np.full((channels, pixels + 5), -1, np.int16)[:, :pixels]
+            clip(data, valid, w, fw, cfg, mean, coverage, rejected, None, None)
+            outputs.append(stack_module.ClipResult(mean, coverage, rejected))
+    for want, got in zip(outputs[:2], outputs[2:]):
+        assert (want.rejected > 0).any()
+        assert_clip_close(got, want, data)
+        if n > ops.clip_max_frames and cenfunc == "median":
+            assert_same(got.mean, want.mean)
+
+
+def test_clip_into_checks_its_inputs(ops):
+    rng = np.random.default_rng(3)
+    data, valid, weights = _tile_views(rng, 5, 1, 20, 0)
+    cfg = stack_module._settings(3.0, None, None, 5, "median", "mad_std")
+    outputs = (np.empty((1, 20), np.float32), np.empty((1, 20), np.int16), np.empty((1, 20), np.int16))
+    bad = weights.copy()
+    bad[2, 0, 3] = np.inf
+    with pytest.raises(ValueError, match="weights must be finite"):
+        ops.clip_into(data, valid, bad, None, cfg, *outputs)
+    with pytest.raises(ValueError, match="bool"):
+        ops.clip_into(data, valid.astype(np.uint8), None, None, cfg, *outputs)
+
+
+def test_stack_tiles_with_the_kernel_clip_is_independent_of_tiles_and_threads(ops):
+    """stack_tiles with the kernel's clip step: identical bytes for any tile size and with a thread pool, and the
+    reference clip's decisions."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(21)
+    n, channels, height, width = 13, 3, 70, 41
+    data = rng.normal(500.0, 15.0, (n, channels, height, width)).astype(np.float32)
+    data[rng.random(data.shape) < 0.03] += 800.0
+    data[0, 1, 3, 4] = np.nan
+    valid = rng.random((n, height, width)) > 0.05
+    weight = np.where(valid, rng.uniform(0.2, 1.0, valid.shape), 0.0).astype(np.float32)
+    frame_weights = rng.uniform(0.5, 1.5, n)
+
+    def render(k, row0, row1, col0, col1):
+        window = np.s_[row0:row1, col0:col1]
+        return data[k][(slice(None),) + window].copy(), valid[k][window].copy(), weight[k][window].copy()
+
+    results = []
+    for shape in ((16, 16), (30, 41), (70, 41)):
+        plan = stack_module.plan_tiles(height, width, n, channels, 1 << 30, workers=1, tile_shape=shape)
+        for pool in (None, ThreadPoolExecutor(2)):
+            results.append(stack_module.stack_tiles(plan, render, n, (channels, height, width),
+                                                    frame_weights=frame_weights, executor=pool,
+                                                    clip=ops.clip_into, cenfunc="median", stdfunc="mad_std"))
+            if pool is not None:
+                pool.shutdown()
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert_same(a, b)
+    reference = stack_module.stack_tiles(plan, render, n, (channels, height, width), frame_weights=frame_weights,
+                                         cenfunc="median", stdfunc="mad_std")
+    assert_same(results[0].coverage, reference.coverage)
+    assert_same(results[0].rejected, reference.rejected)
+    np.testing.assert_allclose(results[0].mean, reference.mean, rtol=1e-6, equal_nan=True)
+
+
 def test_results_do_not_depend_on_thread_count(lib, ops):
     rng = np.random.default_rng(12)
     data = _stack(rng, (21, 3001))
     image = rng.normal(0, 1, (3, 70, 90)).astype(np.float32)
     results = []
+    big = _stack(rng, (150, 301))
     for threads in (1, 2, 0):
         lib.set_threads(threads)
         results.append((ops.sigma_clip(data, cenfunc="mean"), ops.warp_affine(image, rigid(31.0, 2.0, 1.0), (70, 90)),
-                        ops.moments(data), ops.histogram(data, 50, (900.0, 1100.0))[0]))
+                        ops.moments(data), ops.histogram(data, 50, (900.0, 1100.0))[0],
+                        ops.sigma_clip(data, cenfunc="median", stdfunc="mad_std"), ops.sigma_clip(big, stdfunc="mad_std")))
     lib.set_threads(0)
     for other in results[1:]:
+        for got, want in zip(other[4:], results[0][4:]):
+            for g, w in zip(got, want):
+                assert_same(g, w)
         assert_same(other[0].mean, results[0][0].mean)
         for g, w in zip(other[1], results[0][1]):
             assert_same(g, w)
@@ -459,8 +707,9 @@ def test_wheel_ships_and_finds_the_kernels(tmp_path):
     assert int(out[2]) == len(kernels.load_signatures(REPO / "kernels"))
 
 
-def test_cpu_backend_uses_the_cpu_build_bit_identically():
-    """The pipeline's CPU backend runs debayer and warps on the CPU build; outputs equal the NumPy reference."""
+def test_cpu_backend_uses_the_cpu_build_bit_identically(monkeypatch):
+    """The pipeline's CPU backend runs debayer, warps and the stacking's clip step on the CPU build: debayer and
+    warps equal the NumPy reference bit for bit, the clip its decisions (and the build's own clip bit for bit)."""
     from dwarf3gpu.backends.cpu import CpuBackend
 
     fast, reference = CpuBackend(), CpuBackend(kernels="numpy")
@@ -479,3 +728,30 @@ def test_cpu_backend_uses_the_cpu_build_bit_identically():
     for got, want in zip(fast.warp_bayer_planes(mosaic, "RGGB", A, (67, 93), src_size=(67, 93)),
                          reference.warp_bayer_planes(mosaic, "RGGB", A, (67, 93), src_size=(67, 93))):
         np.testing.assert_array_equal(got, want)
+    for got, want in zip(fast.warp_lattice(mosaic, "GBRG", A, (67, 93), src_size=(67, 93), feather_px=5.0),
+                         reference.warp_lattice(mosaic, "GBRG", A, (67, 93), src_size=(67, 93), feather_px=5.0)):
+        np.testing.assert_array_equal(got, want)
+    rng = np.random.default_rng(43)
+    data, valid, weights = _tile_views(rng, 11, 3, 300, 9)
+    cfg = stack_module._settings(3.0, None, None, 5, "median", "mad_std")
+    results = []
+    for clip in (fast.clip_into, reference.clip_into, native.native_ops().clip_into):
+        out = (np.empty((3, 300), np.float32), np.empty((1, 300), np.int16), np.empty((3, 300), np.int16))
+        clip(data, valid, weights, None, cfg, *out, None, None)
+        results.append(stack_module.ClipResult(*out))
+    assert_clip_close(results[0], results[1], data)
+    for got, want in zip(results[0], results[2]):
+        assert_same(got, want)
+    want = (np.empty((3, 300), np.float32), np.empty((1, 300), np.int16), np.empty((3, 300), np.int16))
+    stack_module._clip_into(data, valid, weights, None, cfg, *want, None, None)
+    for got, ref in zip(results[1], want):
+        assert_same(got, ref)
+    # beyond the frame count where the build measured faster, the backend clips with NumPy
+    from dwarf3gpu.backends import cpu
+
+    assert cpu.kernel_clip_max_frames(True, True) >= 128 and cpu.kernel_clip_max_frames(True, False) >= 128
+    monkeypatch.setitem(cpu.KERNEL_CLIP_MAX_FRAMES, "median/mad_std", 10)
+    out = (np.empty((3, 300), np.float32), np.empty((1, 300), np.int16), np.empty((3, 300), np.int16))
+    fast.clip_into(data, valid, weights, None, cfg, *out, None, None)
+    for got, ref in zip(out, want):
+        assert_same(got, ref)

@@ -45,7 +45,7 @@ from dwarf3gpu.debayer import debayer_bilinear, debayer_mhc
 from dwarf3gpu.fitsio import read_raw_uint16
 from dwarf3gpu.pipeline import StackResult, stack_session
 from dwarf3gpu.simulate import SimulationConfig, simulate_session
-from dwarf3gpu.warp import warp_affine
+from dwarf3gpu.warp import warp_affine, warp_lattice
 
 from .conftest import hash_tree
 
@@ -268,14 +268,6 @@ def isolated_bright_stars(s: Stacked, min_flux: float = 1.0e5) -> list[int]:
 # ------------------------------------------------------------------------------------------ science criteria
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "master/ideal FWHM = 1.217 with the defaults (bilinear demosaic + bilinear warp; master 3.27 px, ideal 2.69 px, "
-    "median of 22 stars, seed 7); best measured demosaic='mhc' + interpolation='bicubic' 1.082 (mhc + bilinear 1.137, "
-    "bilinear + bicubic 1.161), but MHC (with either warp) fails test_trails_rejected_down_to_background_noise "
-    "(0.978 / 0.978 within 3 sigma < 0.98), so it is not the default. Cause: resampling of undersampled stars (FWHM ~2.7 px), not registration: the kept frames "
-    "demosaiced and warped with the same kernels and the TRUTH transforms, averaged without clipping, measure within "
-    "3 % of the master (test_master_fwhm_registration_adds_no_blur), so the remaining ~8 % is the "
-    "per-frame demosaic + warp resampling."))
 def test_master_fwhm_within_5_percent_of_ideal_stack(altaz):
     """Master star FWHM within 5 % of an ideal noise-free stack of the kept frames.
 
@@ -285,6 +277,10 @@ def test_master_fwhm_within_5_percent_of_ideal_stack(altaz):
     own seeing, weighted by their transparency as an unweighted mean does). clean_sky.fits alone would not do: it
     is drawn at the median seeing of ALL lights, bad-seeing ones included. Estimator, identical for both images:
     a circular Moffat (beta free) + constant fitted to a 15 x 15 stamp of the G channel; medians over the stars.
+
+    Measured (seed 7, 22 stars): 1.039 with the default lattice resampling (seeds 8, 13, 21: 1.028, 1.031,
+    1.034); the demosaic-then-warp paths do not reach 5 % on these undersampled stars (FWHM ~2.7 px): bilinear +
+    bilinear 1.217, bilinear + bicubic 1.161, MHC + bilinear 1.137, MHC + bicubic 1.082 (METHODS.md, "Warp").
     """
     stars = isolated_bright_stars(altaz)
     assert len(stars) >= 10
@@ -302,8 +298,8 @@ def test_master_fwhm_within_5_percent_of_ideal_stack(altaz):
 
 
 def test_master_fwhm_registration_adds_no_blur(altaz):
-    """Diagnostic companion of the 5 % criterion (not a replacement): the kept frames debayered and warped with the
-    same kernels but with the TRUTH transforms, averaged without clipping, have the master's FWHM within 3 %.
+    """Diagnostic companion of the 5 % criterion (not a replacement): the kept frames resampled with the same
+    kernels but with the TRUTH transforms, averaged without clipping, have the master's FWHM within 3 %.
     So the registration and the rejection add almost nothing; the gap to the optical ideal is the resampling."""
     stars = isolated_bright_stars(altaz)
     master = altaz.master()
@@ -312,10 +308,13 @@ def test_master_fwhm_registration_adds_no_blur(altaz):
     to_master = inverse(altaz.ref["transform"])
     for f in altaz.kept:
         raw = read_raw_uint16(altaz.sim.session_dir / f["file"])[0].astype(np.float32)
-        demosaic = debayer_mhc if ALTAZ_STACK.demosaic == "mhc" else debayer_bilinear
-        green = demosaic(raw, "RGGB")[1:2]
-        warped, _, _ = warp_affine(green, compose(to_master, f["transform"]), (H, W), method=ALTAZ_STACK.interpolation)
-        acc += np.nan_to_num(warped[0])
+        A = compose(to_master, f["transform"])
+        if ALTAZ_STACK.demosaic == "lattice":
+            green = warp_lattice(raw, "RGGB", A, (H, W))[0][1]
+        else:
+            demosaic = debayer_mhc if ALTAZ_STACK.demosaic == "mhc" else debayer_bilinear
+            green = warp_affine(demosaic(raw, "RGGB")[1:2], A, (H, W), method=ALTAZ_STACK.interpolation)[0][0]
+        acc += np.nan_to_num(green)
     truth_stack = acc / len(altaz.kept)
     xy = altaz.star_xy()
     ratio = np.median([fit_moffat(master[1], *xy[i])[0] / fit_moffat(truth_stack, *xy[i])[0] for i in stars])
@@ -327,8 +326,9 @@ def test_star_flux_linearity(altaz):
     at most 1 %.
 
     Channel scaling, derived: simulate.py gives a full-resolution plane of channel c a total flux F_c per star (a
-    Bayer frame's G pixels collect F_G / 2, and a bilinear debayer hands each G sample to itself and a quarter to
-    each of its four non-G neighbours, i.e. twice: the debayered G plane holds F_G). The master is an unweighted
+    Bayer frame's G pixels collect F_G / 2; resampling the G samples to every pixel with weights that sum to 1 per
+    pixel counts each sample twice over the plane (a bilinear debayer: itself and a quarter in each of its four
+    non-G neighbours; the lattice Lanczos likewise, on average): the G plane holds F_G). The master is an unweighted
     mean of the kept frames after an additive background match, so a star's expected master flux is
     F_G x mean_i(T_i) — computed exactly, with this aperture and annulus, on the ideal stack of ``ideal_star``
     (which also carries the aperture correction and the star's own light in the annulus). Both sides are
@@ -365,7 +365,10 @@ def test_trails_rejected_down_to_background_noise(altaz):
     sigma: stars, the galaxy core) are left out. Asserted per trail and channel: at least 98 % of the points
     within 3 sigma (pure noise gives 99.7 %; a path pixel averages 9 frames, not 10, and the mad_std clip of
     few samples sometimes erodes a sample next to a trail), none beyond 5 sigma, mean residual within 0.5 sigma.
-    An unrejected trail would leave its peak / N = 9-30 sigma on the path (checked to be > 8 sigma).
+    An unrejected trail would leave its peak / N = 6.6-30 sigma on the path (checked to be > 6 sigma, so "none
+    beyond 5 sigma" alone would catch it; the default lattice resampling does not smooth the noise, so sigma is
+    single-frame noise / sqrt(N), ~1.3x the bilinear paths'). Measured with sigma=1000 (no rejection): every trail
+    and channel fails, the faintest (R, peak / N 6.6 sigma) with mean 6.2 sigma and 0.3 % of points within 3.
     """
     kept = altaz.kept
     trailed = [f for f in kept if f["trail"]]
@@ -402,7 +405,7 @@ def test_trails_rejected_down_to_background_noise(altaz):
             msg = (f"{f['file']} channel {'RGB'[c]}: {rr.size} points, sigma {sigma:.2f} ADU, mean {rr.mean():.2f}, "
                    f"beyond 3 sigma {np.mean(np.abs(rr) > 3):.4f}, max {np.abs(rr).max():.2f} sigma")
             assert rr.size >= 80, msg
-            assert f["trail"]["peak_adu"][c] / len(kept) > 8 * sigma, msg  # the test can see a trail
+            assert f["trail"]["peak_adu"][c] / len(kept) > 6 * sigma, msg  # the test can see a trail
             assert np.mean(np.abs(rr) <= 3) >= 0.98, msg
             assert np.abs(rr).max() <= 5, msg
             assert abs(rr.mean()) <= 0.5, msg

@@ -1,8 +1,10 @@
 """CPU backend: the per-pixel stages on the CPU.
 
-Debayer and warps run on the CPU build of ``kernels/*.cu`` (g++ + OpenMP, bit-identical to the NumPy
-reference: see METHODS.md "Kernels") when a C++ compiler is available, and on NumPy otherwise; sigma clipping
-stays on NumPy, which measured as fast as the CPU build (benchmarks/RESULTS.md).
+Debayer, warps and the sigma clip of the stacking run on the CPU build of ``kernels/*.cu`` (g++ + OpenMP; see
+METHODS.md "Kernels") when a C++ compiler is available, and on NumPy otherwise. Debayer and warps are bit-identical
+to the NumPy reference; the clip makes the reference's decisions (coverage, kept set, rejected counts) with means
+within float32 rounding, and is used for tiles of up to ``KERNEL_CLIP_MAX_FRAMES`` frames, where it measured faster
+than NumPy (1.8-3.9x at 40 frames); NumPy clips larger tiles.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ class CpuBackend:
     fallback_reason : str, optional
         Why ``auto`` fell back to the CPU (recorded in the manifest and shown to the user).
     kernels : {"auto", "numpy"}, default "auto"
-        ``auto`` uses the CPU build of the CUDA kernels for debayer and warps when it can be built (the reason
-        is recorded otherwise); ``numpy`` always uses the NumPy reference.
+        ``auto`` uses the CPU build of the CUDA kernels for debayer, warps and the stacking's sigma clip when it
+        can be built (the reason is recorded otherwise); ``numpy`` always uses the NumPy reference.
     """
 
     name = "cpu"
@@ -53,7 +55,8 @@ class CpuBackend:
             "numpy": np.__version__,
             "opencv": cv2.__version__,
             "fallback_reason": self.fallback_reason,
-            "cpu_kernels": "g++/OpenMP build of kernels/*.cu" if self._native else f"NumPy ({self.native_reason})",
+            "cpu_kernels": "g++/OpenMP build of kernels/*.cu (debayer, warps, sigma clip)" if self._native
+            else f"NumPy ({self.native_reason})",
         }
 
     def debayer_bilinear(self, mosaic, pattern, origin=(0, 0)):
@@ -78,6 +81,12 @@ class CpuBackend:
             return self._native.warp_bayer_planes(mosaic, pattern, matrix, out_shape, **kwargs)
         return warp.warp_bayer_planes(mosaic, pattern, matrix, out_shape, **kwargs)
 
+    def warp_lattice(self, mosaic, pattern, matrix, out_shape, **kwargs):
+        """See :func:`dwarf3gpu.warp.warp_lattice`."""
+        if self._native is not None:
+            return self._native.warp_lattice(mosaic, pattern, matrix, out_shape, **kwargs)
+        return warp.warp_lattice(mosaic, pattern, matrix, out_shape, **kwargs)
+
     def shift_integer(self, image, dx, dy, out_shape):
         """See :func:`dwarf3gpu.warp.shift_integer`."""
         return warp.shift_integer(image, dx, dy, out_shape)
@@ -85,3 +94,24 @@ class CpuBackend:
     def sigma_clip(self, stack_, valid, weights, frame_weights, **kwargs):
         """See :func:`dwarf3gpu.stack.sigma_clip_mask_aware`."""
         return stack.sigma_clip_mask_aware(stack_, valid, weights, frame_weights, **kwargs)
+
+    def clip_into(self, stack_, valid, weights, frame_weights, cfg, *args, **kwargs) -> None:
+        """The clipping step of :func:`dwarf3gpu.stack.stack_tiles` (its ``clip`` argument, the arguments of
+        ``stack._clip_into``): the CPU build's :meth:`~dwarf3gpu.backends.kernel_ops.KernelOps.clip_into` up to
+        :func:`kernel_clip_max_frames` frames, the NumPy reference step beyond or without the build. Either
+        way each pixel's result depends only on its samples, so tiles and threads never change the output."""
+        if self._native is not None and stack_.shape[0] <= kernel_clip_max_frames(cfg.median, cfg.mad_std):
+            return self._native.clip_into(stack_, valid, weights, frame_weights, cfg, *args, **kwargs)
+        return stack._clip_into(stack_, valid, weights, frame_weights, cfg, *args, **kwargs)
+
+
+#: Most frames per tile for which :meth:`CpuBackend.clip_into` uses the CPU build: up to these counts it measured
+#: faster than the NumPy reference on one core (METHODS.md, "Kernels"). The kernel's time is its per-pixel gather
+#: and sort whatever the options; NumPy sorts many pixels at once with SIMD and pays most for the MAD, so with a
+#: std spread or a mean centre it catches up at fewer frames.
+KERNEL_CLIP_MAX_FRAMES = {"median/mad_std": 256, "other": 128}
+
+
+def kernel_clip_max_frames(median: bool, mad_std: bool) -> int:
+    """Most frames the CPU backend clips with the CPU build for these options (see ``KERNEL_CLIP_MAX_FRAMES``)."""
+    return KERNEL_CLIP_MAX_FRAMES["median/mad_std" if median and mad_std else "other"]

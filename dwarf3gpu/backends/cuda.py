@@ -229,3 +229,11 @@ class CudaBackend:
             return stack.sigma_clip_mask_aware(stack_, valid, weights, frame_weights, **kwargs)
         result = self.ops.sigma_clip(stack_, valid, weights, frame_weights, **kwargs)
         return ClipResult(*(self._host(a) for a in result))
+
+    def clip_into(self, *args, **kwargs) -> None:
+        """The clipping step of :func:`dwarf3gpu.stack.stack_tiles` (its ``clip`` argument) on the GPU: the same
+        ``d3_sigma_clip`` kernel through :meth:`~dwarf3gpu.backends.kernel_ops.KernelOps.clip_into` (the tile
+        is uploaded once, the outputs downloaded chunk by chunk; NumPy on the host beyond the kernel's frame
+        limit for a median/MAD clip)."""
+        with self._cupy.cuda.Device(self.device):
+            self.ops.clip_into(*args, **kwargs)

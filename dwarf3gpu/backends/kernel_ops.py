@@ -11,16 +11,27 @@ module ``xp`` and a ``launch(name, grid, block, *args)`` callable, so the CPU bu
 from __future__ import annotations
 
 import math
+from concurrent.futures import Executor
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..debayer import bayer_offsets
 from ..register import invert_transform
-from ..stack import ClipResult, _check_frame_weights, _count_dtype, _fcl_shape, _frames_channels_pixels, _settings
+from ..stack import (
+    CHUNK_SAMPLES,
+    ClipResult,
+    _check_frame_weights,
+    _clip_into,
+    _ClipSettings,
+    _count_dtype,
+    _fcl_shape,
+    _frames_channels_pixels,
+    _settings,
+)
 from ..stars import BAYER_PATTERNS
-from ..warp import WARP_METHODS, _check_method, _frame_size, plane_transform
-from .kernels import grid_1d, grid_2d
+from ..warp import LATTICE_LOBES, WARP_METHODS, _check_method, _frame_size, lanczos_table, plane_transform
+from .kernels import BLOCK_1D, grid_1d, grid_2d
 
 __all__ = ["KernelOps", "pattern_code", "MOMENT_SEGMENT", "HISTOGRAM_SEGMENT"]
 
@@ -295,6 +306,55 @@ class KernelOps:
                          weight)
         return out, self._finish_warp(valid, "warp_bayer_planes"), weight
 
+    def _lanczos_tables(self) -> tuple[Any, Any]:
+        """The red/blue and green Lanczos weight tables of :func:`dwarf3gpu.warp.warp_lattice` on the target."""
+        tables = getattr(self, "_lattice_tables", None)
+        if tables is None:
+            tables = tuple(self.xp.asarray(lanczos_table(LATTICE_LOBES[key])) for key in ("RB", "G"))
+            self._lattice_tables = tables
+        return tables
+
+    def warp_lattice(self, mosaic: Any, pattern: str, A: Any, out_shape: tuple[int, int], *,
+                     out_origin: tuple[int, int] = (0, 0), src_origin: tuple[int, int] = (0, 0),
+                     src_size: tuple[int, int] | None = None, feather_px: float = 0.0) -> tuple[Any, Any, Any]:
+        """Resample a mosaic straight to RGB, each colour from its own lattice; see
+        :func:`dwarf3gpu.warp.warp_lattice`.
+
+        Returns
+        -------
+        rgb, valid, weight : array
+            float32 (3, rows, cols), bool and float32 (rows, cols); bit-identical to the reference.
+
+        Raises
+        ------
+        ValueError
+            As the reference.
+        """
+        xp = self.xp
+        code = pattern_code(pattern)
+        if code < 0:
+            raise ValueError("warp_lattice needs a Bayer pattern")
+        if not feather_px >= 0.0:
+            raise ValueError(f"feather_px must be >= 0, got {feather_px}")
+        data = self._mosaic(mosaic)
+        src_origin = (int(src_origin[0]), int(src_origin[1]))
+        frame_h, frame_w = _frame_size(data.shape, src_origin, src_size)
+        rows, cols = int(out_shape[0]), int(out_shape[1])
+        out = xp.empty((3, rows, cols), xp.float32)
+        valid = xp.empty((rows, cols), xp.uint8)
+        weight = xp.empty((rows, cols), xp.float32)
+        if rows and cols:
+            grid, block = grid_2d(rows, cols)
+            table_rb, table_g = self._lanczos_tables()
+            inverse = xp.asarray(invert_transform(A).ravel())
+            self._launch("d3_warp_lattice", grid, block, data, _i32(data.shape[0], "band rows"),
+                         _i32(data.shape[1], "band columns"), _i32(src_origin[0], "src row"),
+                         _i32(src_origin[1], "src column"), _i32(frame_h, "frame rows"), _i32(frame_w, "frame columns"),
+                         np.int32(code), inverse, table_rb, table_g, _i32(rows, "rows"), _i32(cols, "columns"),
+                         _i32(out_origin[0], "out row"), _i32(out_origin[1], "out column"), np.float64(feather_px),
+                         out, valid, weight)
+        return out, self._finish_warp(valid, "warp_lattice"), weight
+
     # ------------------------------------------------------------------------------------------ stacking
 
     def _per_sample(self, other: Any, name: str, stack_shape: tuple[int, ...], dtype: Any) -> tuple[Any, int]:
@@ -316,6 +376,24 @@ class KernelOps:
             raise ValueError("weights must be finite (use 0 for samples that must not count)")
         return other, probe.shape[1]
 
+    def _launch_clip(self, cfg: _ClipSettings, data: Any, flags: Any, valid_channels: int, w: Any,
+                     weight_channels: int, frame_w: Any, has_frame_weights: bool, n: int, channels: int, pixels: int,
+                     planes: tuple[int, int, int], mean: Any, coverage: Any, rejected: Any) -> None:
+        """Launch ``d3_sigma_clip`` over ``channels x pixels`` outputs; ``planes`` are the element strides between
+        the (frame, channel) planes of the data, the flags and the weights (see the kernel)."""
+        grid, block = grid_1d(channels * pixels)
+        self._launch("d3_sigma_clip", grid, block, data, flags, np.int32(valid_channels), w,
+                     np.int32(weight_channels), frame_w, np.int32(has_frame_weights), _i32(n, "frames"),
+                     _i32(channels, "channels"), _i32(pixels, "pixels"), *(np.int64(p) for p in planes),
+                     np.float64(cfg.sigma_lower), np.float64(cfg.sigma_upper), np.int32(cfg.maxiters or 0),
+                     np.int32(cfg.median), np.int32(cfg.mad_std), mean, coverage, rejected)
+
+    def _check_clip_frames(self, cfg: _ClipSettings, n: int) -> None:
+        """ValueError when a median/MAD clip has more frames than the kernel's per-thread arrays hold."""
+        if (cfg.median or cfg.mad_std) and n > self.clip_max_frames:
+            raise ValueError(f"the kernel's median/MAD clipping takes at most {self.clip_max_frames} frames per tile, "
+                             f"got {n}; use cenfunc='mean', stdfunc='std' or fewer frames")
+
     def sigma_clip(self, stack: Any, valid: Any = None, weights: Any = None, frame_weights: Any = None, *,
                    sigma: float = 3.0, sigma_lower: float | None = None, sigma_upper: float | None = None,
                    maxiters: int | None = 5, cenfunc: str = "median", stdfunc: str = "std") -> ClipResult:
@@ -323,10 +401,11 @@ class KernelOps:
 
         Semantics, options and outputs of :func:`dwarf3gpu.stack.sigma_clip_mask_aware`, with two limits:
         ``weights`` are used as float32, and a ``median`` centre or ``mad_std`` spread allows at most
-        ``clip_max_frames`` frames (the kernel sorts each pixel's samples in a fixed-size per-thread array).
-        Clip decisions equal the reference's except for a sample within float64 rounding of a bound when the
-        spread is ``std`` (the standard deviation is summed in another order); the mean agrees to float32
-        rounding.
+        ``clip_max_frames`` frames (the kernel sorts each pixel's samples in fixed-size per-thread arrays).
+        Clip decisions (coverage, kept set, rejected counts) equal the reference's; with a ``std`` spread the
+        bounds after the first differ from the reference's by float64 rounding (sums taken in another order),
+        which only a sample within about 1e-15 relative of a bound could notice. Means agree to float32 rounding
+        (the weighted mean is the reference's float64 value; without weights the sum may run in sorted order).
 
         Returns
         -------
@@ -347,9 +426,7 @@ class KernelOps:
         if stack.dtype.kind not in "fiu":
             raise ValueError(f"stack must be a real numeric array, got dtype {stack.dtype}")
         n, channels, pixels = _fcl_shape(stack.shape)
-        if (cfg.median or cfg.mad_std) and n > self.clip_max_frames:
-            raise ValueError(f"the kernel's median/MAD clipping takes at most {self.clip_max_frames} frames per tile, "
-                             f"got {n}; use cenfunc='mean', stdfunc='std' or fewer frames")
+        self._check_clip_frames(cfg, n)
         fw = _check_frame_weights(frame_weights, n)
         data = xp.ascontiguousarray(stack, dtype=xp.float32).reshape(n, channels, pixels)
         flags, valid_channels = (self._dummy(xp.uint8), 0) if valid is None else self._per_sample(
@@ -362,14 +439,105 @@ class KernelOps:
         coverage = xp.empty(out_shape, xp.int32)
         rejected = xp.empty(out_shape, xp.int32)
         if channels * pixels:
-            grid, block = grid_1d(channels * pixels)
-            self._launch("d3_sigma_clip", grid, block, data, flags, np.int32(valid_channels), w,
-                         np.int32(weight_channels), frame_w, np.int32(fw is not None), _i32(n, "frames"),
-                         _i32(channels, "channels"), _i32(pixels, "pixels"), np.float64(cfg.sigma_lower),
-                         np.float64(cfg.sigma_upper), np.int32(cfg.maxiters or 0), np.int32(cfg.median),
-                         np.int32(cfg.mad_std), mean, coverage, rejected)
+            self._launch_clip(cfg, data, flags, valid_channels, w, weight_channels, frame_w, fw is not None, n,
+                              channels, pixels, (pixels, pixels, pixels), mean, coverage, rejected)
         counts = _count_dtype(n)
         return ClipResult(mean, coverage.astype(counts), rejected.astype(counts))
+
+    def _planes(self, array: np.ndarray, dtype: Any) -> tuple[Any, int]:
+        """An (N, X, L) host array on the target as a flat C-contiguous carrier and its plane stride (elements).
+
+        On the CPU target a view whose pixels are contiguous and whose N x X planes are equally spaced (e.g. the
+        first L pixels of each plane of a larger buffer) is not copied: the carrier is a 1-D view running from
+        its first to its last element (``as_strided``), and the kernel steps over the gaps. Anything else is
+        made contiguous (a copy), as is every input of a GPU target (the upload).
+        """
+        xp = self.xp
+        n, planes_per_frame, pixels = array.shape
+        size = np.dtype(dtype).itemsize
+        if xp is np and array.dtype == dtype and min(array.strides, default=0) >= 0 and array.size:
+            step0, step1, step2 = array.strides
+            plane = step1 if planes_per_frame > 1 else step0
+            if n * planes_per_frame == 1:
+                plane = pixels * size
+            regular = n == 1 or planes_per_frame == 1 or step0 == planes_per_frame * step1
+            if step2 == size and plane % size == 0 and plane >= pixels * size and regular:
+                plane //= size
+                span = (n * planes_per_frame - 1) * plane + pixels
+                carrier = np.lib.stride_tricks.as_strided(array, shape=(span,), strides=(size,), writeable=False)
+                return carrier, plane
+        return xp.ascontiguousarray(xp.asarray(array), dtype=dtype).reshape(-1), pixels
+
+    def clip_into(self, stack: np.ndarray, valid: np.ndarray | None, weights: np.ndarray | None,
+                  frame_weights: np.ndarray | None, cfg: _ClipSettings, mean: np.ndarray | None,
+                  coverage: np.ndarray | None, rejected: np.ndarray | None, bounds: tuple | None = None,
+                  executor: Executor | None = None) -> None:
+        """The clipping step of :func:`dwarf3gpu.stack.stack_tiles` on the kernel (its ``clip`` argument).
+
+        Same signature and outputs as the reference step ``stack._clip_into``: clip host arrays seen as (N, C, L)
+        -- ``stack`` float32, ``valid`` bool (N, 1 or C, L) or None, ``weights`` (N, 1 or C, L) or None,
+        ``frame_weights`` (N,) float64 or None, ``cfg`` from ``stack._settings`` -- and write the NumPy arrays
+        ``mean`` (C, L) float32, ``coverage`` (1 or C, L; with one row, channel 0's count) and ``rejected``
+        (C, L) in place (views welcome). On the CPU target the inputs are read where they are when their pixels
+        are contiguous and their planes equally spaced (the tile buffers of ``stack_tiles``: the first L pixels
+        of each plane), otherwise copied once (:meth:`_planes`). The pixels run in chunks of about
+        ``stack.CHUNK_SAMPLES / C`` whose float32/int32 kernel outputs are copied into ``mean``, ``coverage``
+        and ``rejected``, so the extra memory is a few MiB. Every pixel's result depends only on its own
+        samples, so the output does not depend on the chunking or the thread count.
+
+        Where the kernel cannot, the reference step runs instead: bounds requested (``bounds`` not None), an
+        output not wanted (None), or a median/MAD clip of more than ``clip_max_frames`` frames. ``executor`` is
+        only used by that fallback; the kernel runs on its own threads (OpenMP on the CPU target, the GPU on CUDA).
+
+        Raises
+        ------
+        ValueError
+            Non-finite weights or a non-bool ``valid``, as the reference.
+        """
+        n, channels, pixels = stack.shape
+        if (bounds is not None or mean is None or coverage is None or rejected is None
+                or ((cfg.median or cfg.mad_std) and n > self.clip_max_frames)):
+            _clip_into(stack, valid, weights, frame_weights, cfg, mean, coverage, rejected, bounds, executor)
+            return
+        if not channels * pixels:
+            return
+        xp = self.xp
+        fw = _check_frame_weights(frame_weights, n)
+        data, data_planes = self._planes(stack, np.float32)
+        flags, valid_channels, valid_planes = self._dummy(xp.uint8), 0, 0
+        if valid is not None:
+            if valid.dtype != np.bool_:
+                raise ValueError(f"valid must be a bool array, got dtype {valid.dtype}")
+            flags, valid_planes = self._planes(valid, np.bool_)
+            flags, valid_channels = flags.view(xp.uint8), valid.shape[1]
+        w, weight_channels, weight_planes = self._dummy(xp.float32), 0, 0
+        if weights is not None:
+            w, weight_planes = self._planes(weights, np.float32)
+            weight_channels = weights.shape[1]
+            # A float64 sum is NaN/inf exactly when a weight is (finite float32 values cannot overflow it), and
+            # needs no temporary array.
+            if not math.isfinite(float(xp.sum(w if weight_planes == pixels else weights, dtype=xp.float64))):
+                raise ValueError("weights must be finite (use 0 for samples that must not count)")
+        frame_w = self._dummy(xp.float64) if fw is None else xp.asarray(fw)
+        step = max(BLOCK_1D, CHUNK_SAMPLES // channels // BLOCK_1D * BLOCK_1D)
+        size = channels * min(step, pixels)
+        out_mean = xp.empty(size, xp.float32)
+        out_coverage = xp.empty(size, xp.int32)
+        out_rejected = xp.empty(size, xp.int32)
+        planes = (data_planes, valid_planes, weight_planes)
+        for p0 in range(0, pixels, step):
+            p1 = min(p0 + step, pixels)
+            m = p1 - p0
+            # Each input from the chunk's first pixel to the chunk's end in the last plane.
+            chunk_data = data[p0:(n * channels - 1) * data_planes + p1]
+            chunk_flags = flags[p0:(n * valid_channels - 1) * valid_planes + p1] if valid_channels else flags
+            chunk_w = w[p0:(n * weight_channels - 1) * weight_planes + p1] if weight_channels else w
+            cm, cc, cr = out_mean[:channels * m], out_coverage[:channels * m], out_rejected[:channels * m]
+            self._launch_clip(cfg, chunk_data, chunk_flags, valid_channels, chunk_w, weight_channels, frame_w,
+                              fw is not None, n, channels, m, planes, cm, cc, cr)
+            mean[:, p0:p1] = self._host(cm).reshape(channels, m)
+            coverage[:, p0:p1] = self._host(cc).reshape(channels, m)[: coverage.shape[0]]
+            rejected[:, p0:p1] = self._host(cr).reshape(channels, m)
 
     # ---------------------------------------------------------------------------------------- statistics
 
