@@ -34,7 +34,7 @@ from .register import even_pixel_shift
 from .session import Session, discover
 from .stack import crop_to_coverage, default_memory_budget, normalisation, plan_tiles, stack_tiles
 from .stretch import make_quicklook, write_preview_png, write_preview_tiff
-from .warp import LATTICE_MARGIN, source_window, warp_lattice, window_margin
+from .warp import LATTICE_MARGIN, source_window, window_margin
 
 __all__ = ["StackResult", "stack_session", "load_transforms_file", "save_transforms_file"]
 
@@ -410,7 +410,7 @@ class _FrameRenderer:
             channel = _cfa_channel_map(self.pattern, out_origin, out_shape)
             return _normalise(warped[None], offset[channel], scale[channel]), valid, weight
         if lattice:  # each colour straight from its own CFA lattice: no separate demosaic (METHODS.md, "Warp")
-            resample = getattr(self.backend, "warp_lattice", warp_lattice)  # the NumPy reference on other backends
+            resample = self.backend.warp_lattice
             del common["method"]
             warped, valid, weight = resample(band, self.pattern, A, out_shape, **common)
             return _normalise(warped, offset, scale), valid, weight

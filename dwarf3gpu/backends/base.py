@@ -36,6 +36,9 @@ class Backend(Protocol):
     def warp_bayer_planes(self, mosaic: np.ndarray, pattern: str, matrix: np.ndarray, out_shape: tuple[int, int], **kwargs):
         """Warp the four Bayer planes separately and re-interleave; returns (warped, valid, weight)."""
 
+    def warp_lattice(self, mosaic: np.ndarray, pattern: str, matrix: np.ndarray, out_shape: tuple[int, int], **kwargs):
+        """RGB straight from each colour's CFA lattice (no separate demosaic); returns (warped, valid, weight)."""
+
     def shift_integer(self, image: np.ndarray, dx: int, dy: int, out_shape: tuple[int, int]):
         """Exact integer shift; returns (shifted, valid)."""
 
