@@ -345,7 +345,10 @@ def write_preview_png(rgb01: np.ndarray, path: str | os.PathLike) -> Path:
 
 
 def write_preview_tiff(rgb01: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write a display image (3, H, W) in [0, 1] as a 16-bit RGB TIFF (Adobe Deflate), atomically; NaN is black.
+    """Write a display image (3, H, W) in [0, 1] as an uncompressed 16-bit RGB TIFF, atomically; NaN is black.
+
+    Uncompressed: every reader opens it, and Adobe Deflate took 0.8 s for a 3856x2180 frame (10x the write) for
+    a file only about 10-40 % smaller.
 
     Parameters
     ----------
@@ -359,8 +362,8 @@ def write_preview_tiff(rgb01: np.ndarray, path: str | os.PathLike) -> Path:
     pathlib.Path
         ``path``.
     """
-    deflate = (cv2.IMWRITE_TIFF_COMPRESSION, cv2.IMWRITE_TIFF_COMPRESSION_ADOBE_DEFLATE)
-    return _write_encoded(to_uint16(rgb01), ".tif", path, deflate)
+    uncompressed = (cv2.IMWRITE_TIFF_COMPRESSION, cv2.IMWRITE_TIFF_COMPRESSION_NONE)
+    return _write_encoded(to_uint16(rgb01), ".tif", path, uncompressed)
 
 
 def make_quicklook(
