@@ -97,6 +97,8 @@ def _cases(ops, d: dict[str, np.ndarray], frames: int, tile_rows: int, threads: 
          lambda: ops.warp_affine(d["rgb"], A, shape, method="bicubic"), 1, px * 29),
         ("warp Bayer planes bilinear", lambda: warp.warp_bayer_planes(d["mosaic"], "RGGB", A, shape),
          lambda: ops.warp_bayer_planes(d["mosaic"], "RGGB", A, shape), 1, px * 13),
+        ("warp lattice RGB (pipeline default)", lambda: warp.warp_lattice(d["mosaic"], "RGGB", A, shape),
+         lambda: ops.warp_lattice(d["mosaic"], "RGGB", A, shape), 1, px * 21),
         *[(f"sigma clip {frames} fr, {cen}/{spread}",
            lambda cen=cen, spread=spread: stack.sigma_clip_mask_aware(d["clip"], d["valid"], cenfunc=cen,
                                                                       stdfunc=spread, workers=threads),
