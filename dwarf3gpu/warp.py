@@ -55,6 +55,27 @@ _CHUNK_PIXELS = 1 << 15
 """Output pixels per processing chunk (whole rows), to keep temporaries in cache."""
 
 
+def _empty_outputs(channels: int, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zeroed (channels, rows, cols) float32 image, (rows, cols) bool validity and float32 weight of a warp."""
+    return (np.zeros((channels, rows, cols), np.float32), np.zeros((rows, cols), bool),
+            np.zeros((rows, cols), np.float32))
+
+
+def _source_coordinates(B: np.ndarray, out_shape: tuple[int, int], out_origin: tuple[int, int]):
+    """Yield ``(first, last, xs, ys)`` for chunks of output rows ``first:last`` (about ``_CHUNK_PIXELS`` pixels):
+    the float64 source coordinates of every pixel through the inverse affine ``B``, from its ABSOLUTE reference
+    position, in the order the kernels use: ``xs = B00 X + (B01 Y + B02)``, ``ys = B10 X + (B11 Y + B12)``."""
+    rows_out, cols_out = out_shape
+    cols_abs = np.arange(cols_out, dtype=np.float64) + int(out_origin[1])
+    x_of_col, y_of_col = B[0, 0] * cols_abs, B[1, 0] * cols_abs
+    step = max(1, _CHUNK_PIXELS // max(cols_out, 1))
+    for first in range(0, rows_out, step):
+        last = min(first + step, rows_out)
+        rows_abs = np.arange(first, last, dtype=np.float64) + int(out_origin[0])
+        yield (first, last, x_of_col[None, :] + (B[0, 1] * rows_abs + B[0, 2])[:, None],
+               y_of_col[None, :] + (B[1, 1] * rows_abs + B[1, 2])[:, None])
+
+
 def _check_method(method: str) -> tuple[int, ...]:
     """Return the tap offsets of ``method`` or raise ValueError."""
     if method not in _TAPS:
@@ -221,17 +242,8 @@ def warp_affine(
     centre = taps.index(0)
     low, high_x, high_y = -taps[0], width - taps[-1], height - taps[-1]
 
-    warped = np.zeros((n_ch, rows_out, cols_out), np.float32)
-    valid = np.zeros((rows_out, cols_out), bool)
-    weight = np.zeros((rows_out, cols_out), np.float32)
-    cols_abs = np.arange(cols_out, dtype=np.float64) + int(out_origin[1])
-    x_of_col, y_of_col = B[0, 0] * cols_abs, B[1, 0] * cols_abs
-    step = max(1, _CHUNK_PIXELS // max(cols_out, 1))
-    for first in range(0, rows_out, step):
-        last = min(first + step, rows_out)
-        rows_abs = np.arange(first, last, dtype=np.float64) + int(out_origin[0])
-        xs = x_of_col[None, :] + (B[0, 1] * rows_abs + B[0, 2])[:, None]
-        ys = y_of_col[None, :] + (B[1, 1] * rows_abs + B[1, 2])[:, None]
+    warped, valid, weight = _empty_outputs(n_ch, rows_out, cols_out)
+    for first, last, xs, ys in _source_coordinates(B, (rows_out, cols_out), out_origin):
         ok = (xs >= low) & (xs <= high_x) & (ys >= low) & (ys <= high_y)
         if not ok.any():
             continue
@@ -655,17 +667,8 @@ def warp_lattice(
     n_rb, n_g = LATTICE_LOBES["RB"], LATTICE_LOBES["G"]
     table_rb, table_g = _lanczos(n_rb), _lanczos(n_g)
 
-    rgb = np.zeros((3, rows_out, cols_out), np.float32)
-    valid = np.zeros((rows_out, cols_out), bool)
-    weight = np.zeros((rows_out, cols_out), np.float32)
-    cols_abs = np.arange(cols_out, dtype=np.float64) + int(out_origin[1])
-    x_of_col, y_of_col = B[0, 0] * cols_abs, B[1, 0] * cols_abs
-    step = max(1, _CHUNK_PIXELS // max(cols_out, 1))
-    for first in range(0, rows_out, step):
-        last = min(first + step, rows_out)
-        rows_abs = np.arange(first, last, dtype=np.float64) + int(out_origin[0])
-        xs = x_of_col[None, :] + (B[0, 1] * rows_abs + B[0, 2])[:, None]
-        ys = y_of_col[None, :] + (B[1, 1] * rows_abs + B[1, 2])[:, None]
+    rgb, valid, weight = _empty_outputs(3, rows_out, cols_out)
+    for first, last, xs, ys in _source_coordinates(B, (rows_out, cols_out), out_origin):
         # Red and blue: plane taps base - (n - 1) .. base + n must lie in the plane; pixel = 2 plane + site.
         planes = []
         ok = np.ones(xs.shape, bool)

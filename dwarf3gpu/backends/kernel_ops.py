@@ -217,6 +217,12 @@ class KernelOps:
 
     # --------------------------------------------------------------------------------------------- warp
 
+    def _warp_buffers(self, image_shape: tuple[int, ...], rows: int, cols: int) -> tuple[Any, Any, Any]:
+        """Uninitialised outputs of a warp kernel: float32 image, uint8 validity and float32 weight (rows, cols)."""
+        xp = self.xp
+        return (xp.empty(image_shape, xp.float32), xp.empty((rows, cols), xp.uint8),
+                xp.empty((rows, cols), xp.float32))
+
     def _finish_warp(self, valid: Any, what: str) -> Any:
         """Raise when a kernel flagged a tap outside the band (2), else the mask as bool."""
         if bool((valid == 2).any()):
@@ -252,9 +258,7 @@ class KernelOps:
         src_origin = (int(src_origin[0]), int(src_origin[1]))
         frame_h, frame_w = _frame_size((band_h, band_w), src_origin, src_size)
         rows, cols = int(out_shape[0]), int(out_shape[1])
-        out = xp.empty((channels, rows, cols), xp.float32)
-        valid = xp.empty((rows, cols), xp.uint8)
-        weight = xp.empty((rows, cols), xp.float32)
+        out, valid, weight = self._warp_buffers((channels, rows, cols), rows, cols)
         if rows and cols:
             grid, block = grid_2d(rows, cols)
             inverse = xp.asarray(invert_transform(A).ravel())
@@ -291,9 +295,7 @@ class KernelOps:
         src_origin = (int(src_origin[0]), int(src_origin[1]))
         frame_h, frame_w = _frame_size(data.shape, src_origin, src_size)
         rows, cols = int(out_shape[0]), int(out_shape[1])
-        out = xp.empty((rows, cols), xp.float32)
-        valid = xp.empty((rows, cols), xp.uint8)
-        weight = xp.empty((rows, cols), xp.float32)
+        out, valid, weight = self._warp_buffers((rows, cols), rows, cols)
         if rows and cols:
             grid, block = grid_2d(rows, cols)
             sites = [(r, c) for r in (0, 1) for c in (0, 1)]
@@ -340,9 +342,7 @@ class KernelOps:
         src_origin = (int(src_origin[0]), int(src_origin[1]))
         frame_h, frame_w = _frame_size(data.shape, src_origin, src_size)
         rows, cols = int(out_shape[0]), int(out_shape[1])
-        out = xp.empty((3, rows, cols), xp.float32)
-        valid = xp.empty((rows, cols), xp.uint8)
-        weight = xp.empty((rows, cols), xp.float32)
+        out, valid, weight = self._warp_buffers((3, rows, cols), rows, cols)
         if rows and cols:
             grid, block = grid_2d(rows, cols)
             table_rb, table_g = self._lanczos_tables()
