@@ -584,6 +584,13 @@ def test_debayer_modes_shape_and_header(small, small_base, mode):
         assert header["NAXIS"] == 3 and header["NAXIS3"] == 3 and "BAYERPAT" not in header
     assert np.isfinite(data[..., coverage > 0]).all() if mode != "none" else np.isfinite(data[coverage > 0]).all()
     assert header["NCOMBINE"] == len(result.kept) and coverage.max() == len(result.kept)
+    # the same bytes when the mode is stacked in several tiles (a tile's source window, Bayer phase and superpixel
+    # cells must not depend on where the tile starts)
+    tiled = stack_session(sim.session_dir, root / f"mode-{mode}-tiled",
+                          StackConfig(debayer=mode, memory_budget=_tiles_budget(result)), workers=2, use_cache=False)
+    assert tiled.manifest["stack"]["tile_plan"]["n_tiles"] >= 3
+    for key in ("master_linear", "coverage"):
+        assert _bytes(tiled, key) == _bytes(result, key), (mode, key, tiled.manifest["stack"]["tile_plan"]["tiles"])
 
 
 def test_master_header_values(altaz):
