@@ -79,6 +79,11 @@ class StackConfig:
         Compute backend.
     device : int
         CUDA device number (not in the settings hash: it never changes a pixel).
+    dark : str
+        ``"auto"`` (default: the best dark matched by camera, exposure, gain and temperature, when one exists),
+        ``"none"``, or the path of a FITS master dark (``--dark``). The dark is subtracted and its hot pixels
+        repaired before warping, unless the check on the reference light finds it makes things worse (see
+        METHODS.md, "Calibration").
     """
 
     keep: float = 0.92
@@ -111,6 +116,7 @@ class StackConfig:
     color_matrix: str = "identity"
     backend: str = "auto"
     device: int = 0
+    dark: str = "auto"
 
     def __post_init__(self):
         _choice("debayer", self.debayer, DEBAYER_MODES)
@@ -123,6 +129,8 @@ class StackConfig:
         _choice("stretch", self.stretch, ("two_stage", "asinh"))
         _choice("score", self.score, SCORE_METHODS)
         _choice("backend", self.backend, ("auto", "cpu", "cuda"))
+        if not isinstance(self.dark, str) or not self.dark.strip():
+            raise ConfigError("--dark must be 'auto', 'none' or the path of a FITS master dark")
         if self.device < 0:
             raise ConfigError(f"--device must be >= 0; got {self.device}")
         for name in ("sigma", "sigma_lower", "sigma_upper"):

@@ -1,8 +1,9 @@
 """``stack_session``: one session in, a linear master, previews, a manifest and a report out.
 
-Stages: discover -> measure -> select -> register (``analysis.py``) -> warp + stack in tiles (through the
-backend) -> finish (colour calibration recorded, previews) -> write. Every file goes to
-``<output_root>/<session>/`` atomically; nothing is written under the session folder.
+Stages: discover -> measure -> select -> register (``analysis.py``) -> calibrate (dark + hot pixels,
+``calibrate.py``) -> warp + stack in tiles (through the backend) -> finish (colour calibration recorded,
+previews) -> write. Every file goes to ``<output_root>/<session>/`` atomically; nothing is written under the
+session folder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .analysis import SessionAnalysis, analyze_session, default_workers, output_
 from .atomic import write_json_atomic
 from .backends import Backend, get_backend
 from .cache import file_identity, settings_hash
+from .calibrate import HOT_REACH, DarkCalibration, calibrate_window, prepare_calibration, record_json
 from .color import background_neutral_gains
 from .config import StackConfig
 from .debayer import bayer_offsets, debayer_mhc, superpixel_transform
@@ -121,6 +123,8 @@ def stack_session(
     """
     t_start = time.perf_counter()
     workers = max(1, workers or default_workers())
+    if config.dark not in ("auto", "none") and not Path(config.dark).is_file():
+        raise ConfigError(f"--dark {config.dark}: no such file (give a FITS master dark, 'auto' or 'none')")
     backend = get_backend(config.backend, device=config.device)
     found = discover(session, include_failed=config.include_failed)
     out_dir = output_dir_for(found.path, output_root)
@@ -141,9 +145,16 @@ def stack_session(
 
     outputs: dict[str, Path] = {}
     stacked = None
+    calibration_record: dict[str, Any] = {"setting": config.dark, "used": False, "reason": "not evaluated (dry run)"}
     if not dry_run:
         t0 = time.perf_counter()
-        stacked = _stack(analysis, config, backend, out_dir, workers, use_cache, refresh_cache, progress)
+        calibration, calibration_record = prepare_calibration(
+            found, config.dark, analysis.reference.frame.path, out_dir, use_cache=use_cache, refresh=refresh_cache)
+        calibration_record = record_json(calibration_record)
+        timings["calibrate"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stacked = _stack(analysis, config, backend, out_dir, workers, use_cache, refresh_cache, progress,
+                         calibration)
         timings["stack"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         outputs.update(_write_master(stacked, analysis, config, out_dir))
@@ -157,7 +168,9 @@ def stack_session(
     ] + not_listed
     _remove_stale_outputs(out_dir, outputs, dry_run)
     stats = _stats(analysis, stacked, timings)
+    stats["calibration"] = _calibration_summary(calibration_record)
     manifest = _manifest(found, analysis, config, backend, stacked, stats, outputs, not_listed, workers, dry_run)
+    manifest["calibration"] = calibration_record
     outputs["manifest"] = write_json_atomic(out_dir / "run_manifest.json", manifest)
     from .report import write_reports
 
@@ -284,8 +297,12 @@ class Stacked:
 def _stack(
     analysis: SessionAnalysis, config: StackConfig, backend: Backend, out_dir: Path, workers: int,
     use_cache: bool, refresh_cache: bool, progress: ProgressCallback | None,
+    calibration: DarkCalibration | None = None,
 ) -> Stacked:
-    """Warp and sigma-clip the kept frames in memory-budgeted tiles (or reuse the cached result)."""
+    """Warp and sigma-clip the kept frames in memory-budgeted tiles (or reuse the cached result).
+
+    ``calibration`` (a dark and its hot pixels) is applied to every raw window read, here and in the renderer.
+    """
     kept = analysis.kept
     pattern = analysis.session.metadata.bayer_pattern or "RGGB"
     height, width = kept[0].frame.height, kept[0].frame.width
@@ -296,6 +313,7 @@ def _stack(
         "backend": backend.name,
         "frames": [[r.frame.name, file_identity(r.frame.path), matrices[r.frame.name]] for r in kept],
         "reference": analysis.reference.frame.name,
+        "dark": calibration.identity if calibration is not None else None,
     })
     cache_dir = out_dir / "cache" / "stack" / key
     if use_cache and not refresh_cache and (cache_dir / "meta.json").is_file():
@@ -305,7 +323,7 @@ def _stack(
         progress("backgrounds", 0, len(kept))
     backgrounds = {}
     with ThreadPoolExecutor(max_workers=workers) as readers:
-        levels = readers.map(lambda r: _cfa_channel_medians(_read_mosaic(r.frame.path), pattern), kept)
+        levels = readers.map(lambda r: _cfa_channel_medians(_read_window(r.frame.path, calibration), pattern), kept)
         for i, (r, level) in enumerate(zip(kept, levels)):
             backgrounds[r.frame.name] = level
             if progress:
@@ -321,7 +339,8 @@ def _stack(
     budget = config.memory_budget or default_memory_budget()
     plan = plan_tiles(out_h, out_w, len(kept), channels, budget, workers=workers,
                       render_bytes_per_pixel=RENDER_BYTES_PER_PIXEL)
-    renderer = _FrameRenderer(kept, matrices, norms, pattern, config, backend, (height, width), superpixel, cfa)
+    renderer = _FrameRenderer(kept, matrices, norms, pattern, config, backend, (height, width), superpixel, cfa,
+                              calibration)
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
     try:
         mean, coverage, rejected = stack_tiles(
@@ -376,10 +395,12 @@ class _FrameRenderer:
     """``render(frame_index, row0, row1, col0, col1)``: one frame's contribution to an output tile (data, valid,
     weight)."""
 
-    def __init__(self, kept, matrices, norms, pattern, config, backend, frame_size, superpixel, cfa):
+    def __init__(self, kept, matrices, norms, pattern, config, backend, frame_size, superpixel, cfa,
+                 calibration: DarkCalibration | None = None):
         self.kept, self.matrices, self.norms = kept, matrices, norms
         self.pattern, self.config, self.backend = pattern, config, backend
         self.frame_size, self.superpixel, self.cfa = frame_size, superpixel, cfa
+        self.calibration = calibration
 
     def __call__(self, index: int, row0: int, row1: int, col0: int, col1: int):
         record = self.kept[index]
@@ -392,7 +413,7 @@ class _FrameRenderer:
             A = superpixel_transform(A)
             half = (height // 2, width // 2)
             r0, r1, c0, c1 = source_window(A, out_shape, out_origin, half, window_margin(method))
-            cells = _read_mosaic(record.frame.path, (2 * r0, 2 * r1))[:, 2 * c0:2 * c1]
+            cells = _read_window(record.frame.path, self.calibration, (2 * r0, 2 * r1, 2 * c0, 2 * c1))
             warped, valid, weight = self.backend.warp_affine(
                 self.backend.debayer_superpixel(cells, self.pattern), A, out_shape, out_origin=out_origin,
                 src_origin=(r0, c0), method=method, feather_px=self.config.feather_px / 2, src_size=half,
@@ -402,7 +423,7 @@ class _FrameRenderer:
         margin = (LATTICE_MARGIN if lattice
                   else window_margin(method, bayer_planes=self.cfa) + (0 if self.cfa else DEBAYER_MARGIN))
         r0, r1, c0, c1 = source_window(A, out_shape, out_origin, (height, width), margin)
-        band = _read_mosaic(record.frame.path, (r0, r1))[:, c0:c1].astype(np.float32)
+        band = _read_window(record.frame.path, self.calibration, (r0, r1, c0, c1)).astype(np.float32, copy=False)
         common = dict(out_origin=out_origin, src_origin=(r0, c0), src_size=(height, width), method=method,
                       feather_px=self.config.feather_px)
         if self.cfa:
@@ -462,6 +483,40 @@ def _read_mosaic(path: Path, rows: tuple[int, int] | None = None) -> np.ndarray:
         return read_raw_uint16(path, layout, rows)[0]
     data = read_fits(path).data
     return data if rows is None else data[rows[0]:rows[1]]
+
+
+def _read_window(path: Path, calibration: DarkCalibration | None,
+                 window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Raw pixels ``window`` = (row0, row1, col0, col1) (default: the whole frame): as stored, or calibrated
+    (float32) when ``calibration`` is given.
+
+    The window is read ``HOT_REACH`` pixels larger on every side (within the frame), calibrated, then cut back: a
+    hot pixel near its edge is repaired from the same neighbours as in the full frame, so the pixels do not depend
+    on the tiling.
+    """
+    if calibration is None:  # as stored (uint16 on the fast path)
+        return _read_mosaic(path) if window is None else _read_mosaic(path, window[:2])[:, window[2]:window[3]]
+    height, width = calibration.offset.shape
+    r0, r1, c0, c1 = window if window is not None else (0, height, 0, width)
+    e0, e1 = max(0, r0 - HOT_REACH), min(height, r1 + HOT_REACH)
+    f0, f1 = max(0, c0 - HOT_REACH), min(width, c1 + HOT_REACH)
+    band = _read_mosaic(path, (e0, e1))[:, f0:f1].astype(np.float32)
+    calibrate_window(band, (e0, f0), calibration)
+    return band[r0 - e0:r1 - e0, c0 - f0:c1 - f0]
+
+
+def _calibration_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The calibration in a few numbers for report.json: dark used (path, kind), hot pixels, check, or why not."""
+    dark = record.get("dark") or {}
+    check = record.get("check") or {}
+    return {
+        "dark_used": bool(record.get("used")), "dark_path": dark.get("path"), "dark_kind": dark.get("kind"),
+        "hot_pixels": record.get("hot_pixels"), "reason": record.get("reason"),
+        "outliers_without": (check.get("without") or {}).get("outliers"),
+        "outliers_with": (check.get("with") or {}).get("outliers"),
+        "noise_without_adu": (check.get("without") or {}).get("noise_adu"),
+        "noise_with_adu": (check.get("with") or {}).get("noise_adu"),
+    }
 
 
 def _cfa_channel_medians(mosaic: np.ndarray, pattern: str) -> np.ndarray:

@@ -138,6 +138,7 @@ def _markdown(
         f"| field rotation | {_fmt(stats['rotation_range_deg'], '.2f')} deg -> align mode `{stats['align_mode']}` |",
         f"| median FWHM | {_fmt(stats['fwhm_median_px'], '.2f')} px |",
         f"| median background | {_fmt(stats['background_median_adu'], '.0f')} ADU |",
+        f"| dark | {_dark_line(stats.get('calibration'))} |",
         f"| snr_proxy | {_fmt(stats.get('snr_proxy'), '.1f')} |",
         f"| noise gain vs one frame | {_fmt(stats.get('noise_gain'), '.2f')} (sqrt of frames kept: "
         f"{np.sqrt(stats['frames_kept']):.2f}) |",
@@ -170,3 +171,13 @@ def _markdown(
     lines += [f"| {k} | {v:.2f} |" for k, v in stats["timings_s"].items()]
     lines += ["", "Outputs: " + ", ".join(f"`{Path(p).name}`" for p in outputs.values()), ""]
     return "\n".join(lines)
+
+
+def _dark_line(cal: dict[str, Any] | None) -> str:
+    """The calibration summary in words: which dark, hot pixels repaired, or why none was used."""
+    if not cal:
+        return "-"
+    if not cal.get("dark_used"):
+        return f"none ({cal.get('reason') or '-'})"
+    return (f"`{Path(cal['dark_path']).name}` ({cal['dark_kind']}); {cal['hot_pixels']} hot pixels repaired; "
+            f"outliers on the reference {cal['outliers_without']} -> {cal['outliers_with']}")
