@@ -15,7 +15,10 @@ over the frames; astropy runs on one thread), for each ``--clip-frames`` count o
 float32 stack with 2 % outliers and no mask: median/mad_std, median/std and mean/std; the NumPy reference
 (``sigma_clip_mask_aware``, ``--threads`` workers) and the CPU build (``--threads`` and one OpenMP thread). Each
 row gives the best wall time (astropy: one run), its speed-up over astropy and over the NumPy reference, and the
-peak extra memory from ``tracemalloc`` (a separate run). The 1-minute load average before and after is printed
+peak extra memory from ``tracemalloc`` (a separate run). Between the two, when the CUDA backend can run: every
+kernel through it with the inputs already on the GPU (the decode rows: uploaded from the host's big-endian words;
+synchronised best time, frames and bytes per second, and
+their share of the measured device-to-device copy bandwidth and of the nominal memory bandwidth: the roofline). The 1-minute load average before and after is printed
 and saved: the machines are shared. Nothing is asserted: the numbers are printed and saved to
 ``benchmarks/results/``.
 """
@@ -144,6 +147,56 @@ def _clip_vs_astropy(ops, lib, frames: int, tile_rows: int, threads: int, repeat
     return rows
 
 
+def _cuda_rows(d: dict[str, np.ndarray], frames: int, tile_rows: int, threads: int, repeat: int) -> list[dict]:
+    """The same kernels through the CUDA backend, inputs already on the GPU: the best kernel time (synchronised),
+    frames per second, bytes per second and their share of the GPU's memory bandwidth (from the device's memory
+    clock and bus width when the runtime reports them, and the measured device-to-device copy bandwidth). Empty
+    when the CUDA backend cannot run here (the reason is printed)."""
+    from dwarf3gpu.backends import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason()
+    if reason:
+        print(f"CUDA: not measured ({reason})")
+        return []
+    from dwarf3gpu.backends.cuda import CudaBackend
+
+    backend = CudaBackend()
+    cp = backend._cupy
+    # CuPy has no big-endian dtypes: the decode rows start from the host's stored words (upload included)
+    on_device = {key: value if key == "stored" else cp.asarray(value) for key, value in d.items()}
+
+    def synced(func: Callable) -> Callable:
+        def run():
+            result = func()
+            cp.cuda.Device(backend.device).synchronize()
+            return result
+        return run
+
+    copy_src = cp.empty(1 << 28, cp.uint8)  # 256 MiB read + 256 MiB written per copy
+    copy_dst = cp.empty_like(copy_src)
+    copy_s = best_of(synced(lambda: cp.copyto(copy_dst, copy_src)), repeat)[0]
+    copy_gbps = 2 * copy_src.nbytes / copy_s / 1e9
+    try:  # cudaDevAttrMemoryClockRate (kHz) and cudaDevAttrGlobalMemoryBusWidth (bits)
+        clock_khz = cp.cuda.runtime.deviceGetAttribute(36, backend.device)
+        bus_bits = cp.cuda.runtime.deviceGetAttribute(37, backend.device)
+        peak_gbps = 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 or None
+    except Exception:  # attribute unknown to this runtime
+        peak_gbps = None
+    rows = []
+    for name, _, kernel, n_frames, nbytes in _cases(backend.ops, on_device, frames, tile_rows, threads):
+        run = synced(kernel)
+        run()  # compile (NVRTC) and warm up
+        best = best_of(run, repeat)[0]
+        gbps = nbytes / best / 1e9
+        rows.append({"kernel": name, "cuda_s": best, "frames_per_s": n_frames / best, "GB_per_s": gbps,
+                     "pct_of_copy_bw": 100 * gbps / copy_gbps,
+                     "pct_of_peak_bw": 100 * gbps / peak_gbps if peak_gbps else None})
+    describe = backend.describe()
+    print_table(f"Kernels on {describe.get('device')} (CUDA backend, inputs on the GPU); device-to-device copy "
+                f"{copy_gbps:.0f} GB/s, nominal peak {peak_gbps or float('nan'):.0f} GB/s", rows)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=3)
@@ -171,13 +224,15 @@ def main() -> None:
     print_table(f"Kernels, CPU build ({args.threads} threads) vs NumPy, {WIDTH}x{HEIGHT}, {m['cpu']} "
                 f"({m['cores']} cores), load average {load_before:.2f}", rows)
 
+    cuda_rows = _cuda_rows(d, args.frames, args.tile_rows, args.threads, args.repeat)
+
     clip_rows = []
     for frames in args.clip_frames:
         clip_rows += _clip_vs_astropy(ops, lib, frames, args.tile_rows, args.threads, args.repeat)
     load_after = os.getloadavg()[0]
     print_table(f"Sigma clip of (frames) x {args.tile_rows} x {WIDTH} float32, no mask, against astropy "
                 f"(load average {load_before:.2f} before, {load_after:.2f} after)", clip_rows)
-    print("saved", save("kernels", rows, {"clip_vs_astropy": clip_rows, "args": vars(args),
+    print("saved", save("kernels", rows, {"clip_vs_astropy": clip_rows, "cuda": cuda_rows, "args": vars(args),
                                           "load_average": [load_before, load_after]}))
 
 
