@@ -323,7 +323,10 @@ def write_fits(data: np.ndarray, path: str | os.PathLike, header: fits.Header | 
         arr = np.moveaxis(arr, -1, 0)
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[0] != 3):
         raise ValueError(f"write_fits expects (H, W), (H, W, 3) or (3, H, W); got shape {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    # FITS stores big-endian values; converting into a new array here (one pass) spares astropy's in-place
+    # byteswap and swap back of a little-endian array (two passes), and leaves ``data`` untouched while it is
+    # written, so other threads may read it meanwhile. Same bytes.
+    arr = np.ascontiguousarray(arr, dtype=np.dtype(">f4"))
     hdu = fits.PrimaryHDU(arr, header=_clean_header(header))
     if arr.ndim == 3:
         hdu.header["CTYPE3"] = ("RGB", "colour planes R, G, B")

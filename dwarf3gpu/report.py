@@ -39,6 +39,16 @@ def write_reports(
     return written
 
 
+def _figure(figsize: tuple[float, float]):
+    """A matplotlib figure on the Agg canvas, without pyplot (no global state, no pyplot import)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _times(analysis: SessionAnalysis) -> tuple[np.ndarray, str]:
     """Mid-exposure times since the first frame and the axis label (minutes under 2 h, else hours; frame index
     when times are unknown)."""
@@ -54,11 +64,6 @@ def _times(analysis: SessionAnalysis) -> tuple[np.ndarray, str]:
 
 def _plot_frames(analysis: SessionAnalysis, path: Path) -> Path:
     """Four panels against time: score, FWHM, background, rotation; rejected frames in red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     t, t_label = _times(analysis)
     kept = np.array([r.decision.kept for r in analysis.records])
     nan = float("nan")
@@ -71,7 +76,8 @@ def _plot_frames(analysis: SessionAnalysis, path: Path) -> Path:
             for r in analysis.records
         ],
     }
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
+    fig = _figure((10, 6))
+    axes = fig.subplots(2, 2, sharex=True)
     for ax, (label, values) in zip(axes.ravel(), series.items()):
         v = np.array(values, float)
         ax.plot(t[kept], v[kept], "o", ms=4, color="tab:blue", label="kept")
@@ -85,19 +91,14 @@ def _plot_frames(analysis: SessionAnalysis, path: Path) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
     return path
 
 
 def _plot_coverage(coverage: np.ndarray, path: Path) -> Path:
     """The coverage map (frames per pixel), downsampled for the page."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     step = max(1, int(np.ceil(max(coverage.shape) / 1000)))
-    fig, ax = plt.subplots(figsize=(8, 8 * coverage.shape[0] / max(1, coverage.shape[1]) + 0.6))
+    fig = _figure((8, 8 * coverage.shape[0] / max(1, coverage.shape[1]) + 0.6))
+    ax = fig.subplots()
     im = ax.imshow(coverage[::step, ::step], origin="upper", cmap="viridis", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="frames per pixel", shrink=0.8)
     ax.set_title("coverage")
@@ -105,7 +106,6 @@ def _plot_coverage(coverage: np.ndarray, path: Path) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
     return path
 
 

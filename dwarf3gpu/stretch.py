@@ -184,7 +184,12 @@ def mtf(m: float, x: np.ndarray) -> np.ndarray:
     """
     x = np.asarray(x, dtype=np.float32)
     m32 = np.float32(m)
-    return (m32 - np.float32(1.0)) * x / ((np.float32(2.0) * m32 - np.float32(1.0)) * x - m32)
+    # the same float32 operations with two temporaries instead of four (multiplication is commutative)
+    den = np.multiply(x, np.float32(2.0) * m32 - np.float32(1.0))
+    den -= m32
+    out = np.multiply(x, m32 - np.float32(1.0))
+    out /= den
+    return out
 
 
 def mtf_midtone(background: float, target: float) -> float:

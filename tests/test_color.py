@@ -263,3 +263,27 @@ def test_saturation_matrix_scales_colour_differences():
 def test_color_matrix_rejects_bad_input(matrix):
     with pytest.raises(ConfigError):
         apply_color_matrix(np.ones((3, 2, 2), np.float32), matrix)
+
+
+def test_color_matrix_blocked_in_place_is_bit_identical_to_the_expression():
+    from dwarf3gpu.color import COLOR_MATRIX_PRESETS, _resolve_matrix, apply_color_matrix
+
+    rng = np.random.default_rng(7)
+    rgb = rng.normal(100.0, 30.0, (3, 700, 1031)).astype(np.float32)  # rows not a multiple of the block
+    rgb[:, :3, :5] = np.nan
+    rgb[0, 10, 10] = np.nan
+    rgb[1, 11, 11] = np.inf
+    rgb[2, 12, 12] = -0.0
+    before = rgb.copy()
+    custom = np.array([[0.7, 0.2, 0.1], [0.05, 0.9, 0.05], [0.1, -0.3, 1.2]])
+    for matrix in [*COLOR_MATRIX_PRESETS, custom]:
+        m = _resolve_matrix(matrix).astype(np.float32)
+        expected = np.empty_like(rgb)
+        with np.errstate(invalid="ignore"):
+            for c in range(3):
+                a, b = (k for k in range(3) if k != c)
+                expected[c] = rgb[c] + m[c, a] * (rgb[a] - rgb[c]) + m[c, b] * (rgb[b] - rgb[c])
+            got = apply_color_matrix(rgb, matrix)
+        assert got.dtype == np.float32
+        assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    assert np.array_equal(rgb.view(np.uint32), before.view(np.uint32))
