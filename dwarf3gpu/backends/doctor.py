@@ -173,8 +173,9 @@ def _compile_checks(cxx: str | None, nvcc: str | None, nvrtc_ok: bool, cache_roo
     return rows, native_ok
 
 
-def _self_test(name: str, debayer_fn: Callable, warp_fn: Callable, clip_fn: Callable) -> Check:
-    """Compare one target's debayer, warp and sigma clip with the NumPy reference on a small random input."""
+def _self_test(name: str, debayer_fn: Callable, warp_fn: Callable, lattice_fn: Callable, clip_fn: Callable) -> Check:
+    """Compare one target's debayer, warps (affine and the default lattice resampler) and sigma clip with the NumPy
+    reference on a small random input."""
     from .. import debayer, stack, warp
 
     rng = np.random.default_rng(7)
@@ -191,6 +192,9 @@ def _self_test(name: str, debayer_fn: Callable, warp_fn: Callable, clip_fn: Call
         got, want = warp_fn(mosaic, matrix, (37, 53)), warp.warp_affine(mosaic, matrix, (37, 53))
         if not all(np.array_equal(np.asarray(g), w, equal_nan=True) for g, w in zip(got, want)):
             problems.append("warp differs")
+        got, want = lattice_fn(mosaic, "RGGB", matrix, (37, 53)), warp.warp_lattice(mosaic, "RGGB", matrix, (37, 53))
+        if not all(np.array_equal(np.asarray(g), w, equal_nan=True) for g, w in zip(got, want)):
+            problems.append("lattice warp differs")
         got = clip_fn(frames, None, None, None)
         want = stack.sigma_clip_mask_aware(frames, None, None, None)
         if not (np.array_equal(np.asarray(got.coverage), want.coverage)
@@ -200,7 +204,7 @@ def _self_test(name: str, debayer_fn: Callable, warp_fn: Callable, clip_fn: Call
     except Exception as exc:
         problems.append(f"{type(exc).__name__}: {exc}")
     return Check("self-test", name, FAIL if problems else OK,
-                 "; ".join(problems) if problems else "debayer, warp and sigma clip match the NumPy reference")
+                 "; ".join(problems) if problems else "debayer, warps and sigma clip match the NumPy reference")
 
 
 def run_checks(cache_root: Path | None = None) -> list[Check]:
@@ -225,12 +229,13 @@ def run_checks(cache_root: Path | None = None) -> list[Check]:
     rows += compile_rows
     cpu = CpuBackend()
     rows.append(_self_test("cpu (numpy)", lambda m, p: cpu.debayer_bilinear(m, p),
-                           lambda i, a, s: cpu.warp_affine(i, a, s), cpu.sigma_clip))
+                           lambda i, a, s: cpu.warp_affine(i, a, s), cpu.warp_lattice, cpu.sigma_clip))
     if native_ok:
         from . import native
 
         ops = native.native_ops(root=cache_root)
-        rows.append(_self_test("cpu kernels (g++/OpenMP)", ops.debayer_bilinear, ops.warp_affine, ops.sigma_clip))
+        rows.append(_self_test("cpu kernels (g++/OpenMP)", ops.debayer_bilinear, ops.warp_affine, ops.warp_lattice,
+                               ops.sigma_clip))
     else:
         rows.append(Check("self-test", "cpu kernels (g++/OpenMP)", SKIP, "no CPU build"))
     if cuda_ok:
@@ -238,7 +243,7 @@ def run_checks(cache_root: Path | None = None) -> list[Check]:
             from .cuda import CudaBackend
 
             gpu = CudaBackend()
-            rows.append(_self_test("cuda", gpu.debayer_bilinear, gpu.warp_affine, gpu.sigma_clip))
+            rows.append(_self_test("cuda", gpu.debayer_bilinear, gpu.warp_affine, gpu.warp_lattice, gpu.sigma_clip))
         except Exception as exc:
             rows.append(Check("self-test", "cuda", FAIL, f"{type(exc).__name__}: {exc}"))
     else:
