@@ -431,9 +431,8 @@ class _FrameRenderer:
             channel = _cfa_channel_map(self.pattern, out_origin, out_shape)
             return _normalise(warped[None], offset[channel], scale[channel]), valid, weight
         if lattice:  # each colour straight from its own CFA lattice: no separate demosaic (METHODS.md, "Warp")
-            resample = self.backend.warp_lattice
-            del common["method"]
-            warped, valid, weight = resample(band, self.pattern, A, out_shape, **common)
+            del common["method"]  # the lattice resampler has its own kernels
+            warped, valid, weight = self.backend.warp_lattice(band, self.pattern, A, out_shape, **common)
             return _normalise(warped, offset, scale), valid, weight
         if self.config.demosaic == "mhc":
             rgb = debayer_mhc(band, self.pattern, origin=(r0, c0))
