@@ -21,6 +21,7 @@ the source into bands. Sample values are float32.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -564,30 +565,90 @@ def _quantise(coord: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return base, q - base * LANCZOS_PHASES
 
 
-def _lattice_sum(flat: np.ndarray, first: np.ndarray, inner: int, outer: int, w_inner: np.ndarray,
-                 w_outer: np.ndarray, centre: int) -> np.ndarray:
-    """Separable interpolation over a lattice of taps ``first + k outer + m inner`` (flat indices), written
-    relative to the centre tap like :func:`_interpolate`: along the inner axis first (one line per outer tap),
-    then along the outer axis."""
+class LatticeLayout(NamedTuple):
+    """Where the colour lattices of a mosaic band lie in their dense planes (:func:`lattice_planes`).
+
+    Red (``s = 0``) and blue (``s = 1``): plane row ``i``, column ``j`` is band pixel
+    ``(row_off[s] + 2 i, col_off[s] + 2 j)``, lattice point ``(iy0[s] + i, jx0[s] + j)`` (the frame pixel
+    ``(2 (iy0 + i) + site_r, 2 (jx0 + j) + site_c)``); the plane is ``rows[s] x cols[s]``. Green: an
+    ``n_u x n_v`` plane whose row ``a``, column ``b`` is lattice point ``(U, V) = (u_lo + a, v_lo + b)``, the
+    frame pixel ``(U - V, U + V + g)`` (row, column), 0 where that pixel is outside the band.
+    """
+
+    sites: tuple[tuple[int, int], tuple[int, int]]
+    row_off: tuple[int, int]
+    col_off: tuple[int, int]
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    iy0: tuple[int, int]
+    jx0: tuple[int, int]
+    g: int
+    u_lo: int
+    v_lo: int
+    n_u: int
+    n_v: int
+
+
+def lattice_layout(band_shape: tuple[int, int], src_origin: tuple[int, int], pattern: str) -> LatticeLayout:
+    """The :class:`LatticeLayout` of a ``band_shape`` mosaic band at ``src_origin`` (row, col) of a frame with
+    Bayer ``pattern`` (the kernels' ``d3_make_lattice_layout``)."""
+    offsets = bayer_offsets(pattern)
+    band_h, band_w = int(band_shape[0]), int(band_shape[1])
+    r0, c0 = int(src_origin[0]), int(src_origin[1])
+    sites = (offsets["R"][0], offsets["B"][0])
+    row_off = tuple((r - r0) % 2 for r, _ in sites)
+    col_off = tuple((c - c0) % 2 for _, c in sites)
+    rows = tuple((band_h - o + 1) // 2 if band_h > o else 0 for o in row_off)
+    cols = tuple((band_w - o + 1) // 2 if band_w > o else 0 for o in col_off)
+    iy0 = tuple((r0 + o - r) // 2 for o, (r, _) in zip(row_off, sites))
+    jx0 = tuple((c0 + o - c) // 2 for o, (_, c) in zip(col_off, sites))
+    g = (sites[0][0] + sites[0][1] + 1) % 2
+    x1, y1 = c0 + band_w - 1, r0 + band_h - 1
+    u_lo, v_lo = (c0 + r0 - g) // 2, (c0 - y1 - g) // 2
+    return LatticeLayout(sites, row_off, col_off, rows, cols, iy0, jx0, g, u_lo, v_lo,
+                         (x1 + y1 - g) // 2 - u_lo + 1, (x1 - r0 - g) // 2 - v_lo + 1)
+
+
+def lattice_planes(mosaic: np.ndarray, src_origin: tuple[int, int], pattern: str) -> tuple[np.ndarray, ...]:
+    """Split a mosaic band into its red, blue and green lattice planes, float32, laid out as
+    :func:`lattice_layout` says (the kernel ``d3_lattice_planes``): every lattice's taps along its inner axis
+    become contiguous."""
+    data = np.asarray(mosaic, dtype=np.float32)
+    L = lattice_layout(data.shape, src_origin, pattern)
+    red, blue = (np.ascontiguousarray(data[ro::2, co::2]) for ro, co in zip(L.row_off, L.col_off))
+    green = np.zeros((L.n_u, L.n_v), np.float32)
+    y, x = np.indices(data.shape)
+    Y, X = y + int(src_origin[0]), x + int(src_origin[1])
+    is_green = (X + Y) % 2 == L.g
+    green[(X[is_green] + Y[is_green] - L.g) // 2 - L.u_lo, (X[is_green] - Y[is_green] - L.g) // 2 - L.v_lo] = data[is_green]
+    return red, blue, green
+
+
+def _lattice_sum(plane: np.ndarray, first: np.ndarray, outer: int, w_inner: np.ndarray,
+                 w_outer: np.ndarray) -> np.ndarray:
+    """Separable interpolation over the taps ``x[k][m] = plane[first + k outer + m]`` of a flat lattice plane
+    (inner taps contiguous), relative to the centre tap ``c = n / 2 - 1`` so that a uniform input comes out
+    exactly: along the outer axis first, ``acc[m] = x[c][m] + sum_{k != c} w_outer[k] (x[k][m] - x[c][m])``, then
+    ``acc[c] + sum_{m != c} w_inner[m] (acc[m] - acc[c])``, in order, float32 with every operation rounded (the
+    kernels' ``d3_lattice_sum``)."""
     n = w_inner.shape[1]
-    lines = []
+    c = n // 2 - 1
+    centre = [np.take(plane, first + c * outer + m) for m in range(n)]
+    acc = [x.copy() for x in centre]
     for k in range(n):
-        row = first + k * outer
-        at_centre = np.take(flat, row + centre * inner)
-        line = at_centre.copy()
-        for m in range(n):
-            if m != centre:
-                term = np.take(flat, row + m * inner)
-                term -= at_centre
-                term *= w_inner[:, m]
-                line += term
-        lines.append(line)
-    out = lines[centre].copy()
-    for k, line in enumerate(lines):
-        if k != centre:
-            line -= lines[centre]
-            line *= w_outer[:, k]
-            out += line
+        if k != c:
+            row = first + k * outer
+            for m in range(n):
+                term = np.take(plane, row + m)
+                term -= centre[m]
+                term *= w_outer[:, k]
+                acc[m] += term
+    out = acc[c].copy()
+    for m in range(n):
+        if m != c:
+            term = acc[m] - acc[c]
+            term *= w_inner[:, m]
+            out += term
     return out
 
 
@@ -610,10 +671,12 @@ def warp_lattice(
     coordinate rounded to 1 / :data:`LANCZOS_PHASES` of a step):
 
     - R (site ``(rr, rc)``) and B: the lattice ``(2 j + c, 2 i + r)``, coordinates ``((xs - c) / 2, (ys - r) / 2)``,
-      Lanczos-3 (:data:`LATTICE_LOBES`), along x then y;
+      Lanczos-3 (:data:`LATTICE_LOBES`);
     - G: the quincunx of the sites with ``(x + y) % 2 == g``, rotated 45 degrees: ``u = (xs + ys - g) / 2``,
-      ``v = (xs - ys - g) / 2`` (lattice point ``(U, V)`` is pixel ``(U + V + g, U - V)``), Lanczos-5 along v
-      then u.
+      ``v = (xs - ys - g) / 2`` (lattice point ``(U, V)`` is pixel ``(U + V + g, U - V)``), Lanczos-5.
+
+    The band is first split into three dense planes (:func:`lattice_planes`), so that each lattice's taps along
+    x (R, B) or v (G) are contiguous; the separable sum runs along the outer axis first (:func:`_lattice_sum`).
 
     Parameters
     ----------
@@ -655,15 +718,15 @@ def warp_lattice(
     data = np.asarray(mosaic).astype(np.float32, copy=False)
     if data.ndim != 2:
         raise ValueError(f"expected a 2-D raw mosaic, got shape {data.shape}")
-    offsets = bayer_offsets(pattern)
     src_origin = (int(src_origin[0]), int(src_origin[1]))
+    L = lattice_layout(data.shape, src_origin, pattern)
     band_h, band_w = data.shape
     height, width = _frame_size(data.shape, src_origin, src_size)
     rows_out, cols_out = int(out_shape[0]), int(out_shape[1])
     B = invert_transform(A)
-    flat = np.ascontiguousarray(data).ravel()
-    (rr, rc), (br, bc) = offsets["R"][0], offsets["B"][0]
-    g = (rr + rc + 1) % 2
+    planes_flat = [plane.ravel() for plane in lattice_planes(data, src_origin, pattern)]
+    (rr, rc), (br, bc) = L.sites
+    g = L.g
     n_rb, n_g = LATTICE_LOBES["RB"], LATTICE_LOBES["G"]
     table_rb, table_g = _lanczos(n_rb), _lanczos(n_g)
 
@@ -703,14 +766,13 @@ def warp_lattice(
                     f"source band {axis} [{start}, {start + length}) lacks the taps [{low}, {high + 1}) needed by "
                     "the output tile; cut it with source_window() and LATTICE_MARGIN"
                 )
-        for channel, (r, c, jx, px, iy, py) in zip((0, 2), planes):
-            first_tap = ((2 * (iy[ok] - (n_rb - 1)) + r - src_origin[0]) * band_w
-                         + (2 * (jx[ok] - (n_rb - 1)) + c - src_origin[1]))
-            values = _lattice_sum(flat, first_tap, 2, 2 * band_w, table_rb[px[ok]], table_rb[py[ok]], n_rb - 1)
+        for s, (channel, (_, _, jx, px, iy, py)) in enumerate(zip((0, 2), planes)):
+            first_tap = (iy[ok] - (n_rb - 1) - L.iy0[s]) * L.cols[s] + (jx[ok] - (n_rb - 1) - L.jx0[s])
+            values = _lattice_sum(planes_flat[s], first_tap, L.cols[s], table_rb[px[ok]], table_rb[py[ok]])
             rgb[channel, first:last][ok] = values
-        # G: inner axis v (pixel step (+1, -1)), outer axis u (pixel step (+1, +1)); first tap (U0 - n + 1, V0 - n + 1).
-        first_tap = (u0[ok] - v0[ok] - src_origin[0]) * band_w + (u0[ok] + v0[ok] - reach + g - src_origin[1])
-        values = _lattice_sum(flat, first_tap, 1 - band_w, 1 + band_w, table_g[pv[ok]], table_g[pu[ok]], n_g - 1)
+        # G: inner axis v, outer axis u of the green plane; first tap (U0 - n + 1, V0 - n + 1).
+        first_tap = (u0[ok] - (n_g - 1) - L.u_lo) * L.n_v + (v0[ok] - (n_g - 1) - L.v_lo)
+        values = _lattice_sum(planes_flat[2], first_tap, L.n_v, table_g[pv[ok]], table_g[pu[ok]])
         rgb[1, first:last][ok] = values
         valid[first:last] = ok
         if feather_px > 0.0:

@@ -15,6 +15,14 @@
 
 #define D3_DEVICE __device__ __forceinline__
 
+// Marks a loop whose iterations are independent lanes of one thread's work (e.g. the taps of a filter): the
+// CPU build runs them in SIMD lanes (OpenMP simd); on the GPU it is a plain loop.
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define D3_SIMD
+#else
+#define D3_SIMD _Pragma("omp simd")
+#endif
+
 // Bayer pattern codes: the pattern name's index in ("RGGB", "GRBG", "GBRG", "BGGR"). The red site of the
 // 2x2 cell is then (code >> 1, code & 1), blue the opposite corner, the greens the other diagonal.
 #define D3_RGGB 0

@@ -55,11 +55,12 @@ static void d3_run_grid(unsigned int gx, unsigned int gy, unsigned int gz, unsig
         gridDim = {gx, gy, gz};
         blockDim = {bx, by, bz};
         blockIdx = {(unsigned int)(b % gx), (unsigned int)(b / gx % gy), (unsigned int)(b / ((long long)gx * gy))};
+        const Kernel run = kernel;  // a private copy: its captured arguments can live in registers
         for (unsigned int z = 0; z < bz; ++z)
             for (unsigned int y = 0; y < by; ++y)
                 for (unsigned int x = 0; x < bx; ++x) {
                     threadIdx = {x, y, z};
-                    kernel();
+                    run();
                 }
     }
 }

@@ -168,78 +168,133 @@ extern "C" __global__ void d3_warp_bayer_planes(const float* mosaic, int band_h,
 }
 
 // ------------------------------------------------------------------------------------------ lattice warp
-// Reference: dwarf3gpu/warp.py (warp_lattice, lanczos_table, _quantise, _lattice_sum). Each colour is resampled
-// from its own CFA lattice with Lanczos weights read from host-computed tables (no sin on the device): R and B
-// on their 2-pixel lattices (D3_LATTICE_RB_LOBES), G on the quincunx in rotated coordinates (D3_LATTICE_G_LOBES).
+// Reference: dwarf3gpu/warp.py (warp_lattice, lattice_layout, lattice_planes, lanczos_table, _quantise,
+// _lattice_sum). Each colour is resampled from its own CFA lattice with Lanczos weights read from host-computed
+// tables (no sin on the device): R and B on their 2-pixel lattices (D3_LATTICE_RB_LOBES), G on the quincunx in
+// rotated coordinates (D3_LATTICE_G_LOBES). The mosaic band is first split into three dense planes
+// (d3_lattice_planes) so that the taps along each lattice's inner axis are contiguous in memory: the CPU build
+// then sums them in SIMD lanes, the GPU reads them in fewer cache lines.
 
-#define D3_LANCZOS_PHASES 1024
+#define D3_LANCZOS_PHASE_BITS 10
+#define D3_LANCZOS_PHASES (1 << D3_LANCZOS_PHASE_BITS)
 #define D3_LATTICE_G_LOBES 5
 #define D3_LATTICE_RB_LOBES 3
+
+// Where the lattices of a band (band_h x band_w at (src_row0, src_col0), Bayer `pattern`) lie in their planes
+// (warp.lattice_layout). Plane s (0 red, 1 blue) row i, column j is band pixel (row_off[s] + 2 i,
+// col_off[s] + 2 j), lattice point (iy0[s] + i, jx0[s] + j). The green plane is n_u x n_v: row a, column b is
+// lattice point (U, V) = (u_lo + a, v_lo + b), pixel (U + V + g, U - V) of the frame (0 where outside the band).
+struct d3_lattice_layout {
+    int site_r[2], site_c[2];
+    int row_off[2], col_off[2], rows[2], cols[2];
+    long long iy0[2], jx0[2];
+    int g;
+    long long u_lo, v_lo;
+    int n_u, n_v;
+};
+
+D3_DEVICE d3_lattice_layout d3_make_lattice_layout(int band_h, int band_w, int src_row0, int src_col0, int pattern) {
+    d3_lattice_layout L;
+    const int red_r = pattern >> 1, red_c = pattern & 1;
+    L.site_r[0] = red_r;
+    L.site_c[0] = red_c;
+    L.site_r[1] = 1 - red_r;
+    L.site_c[1] = 1 - red_c;
+    for (int s = 0; s < 2; ++s) {
+        L.row_off[s] = (L.site_r[s] - src_row0) & 1;
+        L.col_off[s] = (L.site_c[s] - src_col0) & 1;
+        L.rows[s] = band_h > L.row_off[s] ? (band_h - L.row_off[s] + 1) / 2 : 0;
+        L.cols[s] = band_w > L.col_off[s] ? (band_w - L.col_off[s] + 1) / 2 : 0;
+        L.iy0[s] = ((long long)src_row0 + L.row_off[s] - L.site_r[s]) / 2;
+        L.jx0[s] = ((long long)src_col0 + L.col_off[s] - L.site_c[s]) / 2;
+    }
+    L.g = (red_r + red_c + 1) & 1;
+    const long long x0 = src_col0, y0 = src_row0, x1 = x0 + band_w - 1, y1 = y0 + band_h - 1;
+    L.u_lo = (x0 + y0 - L.g) >> 1;  // arithmetic shift: floor division by 2
+    L.v_lo = (x0 - y1 - L.g) >> 1;
+    L.n_u = (int)(((x1 + y1 - L.g) >> 1) - L.u_lo + 1);
+    L.n_v = (int)(((x1 - y0 - L.g) >> 1) - L.v_lo + 1);
+    return L;
+}
+
+// Split a mosaic band into its red, blue and green lattice planes (layout above; the caller zeroes `green`
+// first). 2-D grid over the band, one thread per band pixel.
+extern "C" __global__ void d3_lattice_planes(const float* mosaic, int band_h, int band_w, int src_row0, int src_col0,
+                                             int pattern, float* red, float* blue, float* green) {
+    const long long x = d3_global_x(), y = d3_global_y();
+    if (y >= band_h || x >= band_w) return;
+    const d3_lattice_layout L = d3_make_lattice_layout(band_h, band_w, src_row0, src_col0, pattern);
+    const float value = mosaic[y * band_w + x];
+    const long long X = src_col0 + x, Y = src_row0 + y;
+    for (int s = 0; s < 2; ++s) {
+        if ((int)(Y & 1) == L.site_r[s] && (int)(X & 1) == L.site_c[s]) {
+            float* plane = s == 0 ? red : blue;
+            plane[((y - L.row_off[s]) >> 1) * L.cols[s] + ((x - L.col_off[s]) >> 1)] = value;
+            return;
+        }
+    }
+    const long long a = ((X + Y - L.g) >> 1) - L.u_lo, b = ((X - Y - L.g) >> 1) - L.v_lo;
+    green[a * L.n_v + b] = value;
+}
 
 // Lattice coordinate rounded to 1 / D3_LANCZOS_PHASES: q = floor(coord P + 0.5), base = floor(q / P), phase.
 D3_DEVICE void d3_quantise(double coord, long long* base, int* phase) {
     const long long q = (long long)floor(coord * (double)D3_LANCZOS_PHASES + 0.5);
-    const long long b = q >= 0 ? q / D3_LANCZOS_PHASES : -((-q + D3_LANCZOS_PHASES - 1) / D3_LANCZOS_PHASES);
-    *base = b;
-    *phase = (int)(q - b * D3_LANCZOS_PHASES);
+    *base = q >> D3_LANCZOS_PHASE_BITS;  // arithmetic shift: floor division
+    *phase = (int)(q & (D3_LANCZOS_PHASES - 1));
 }
 
-// Separable sum over the N x N taps first + k outer + m inner (k outer tap, m inner tap), relative to the
-// centre tap N / 2 - 1 along the inner axis first, then along the outer axis (warp._lattice_sum).
+// Separable sum over the N x N taps plane[first + k outer + m] (k outer tap, m inner tap, inner taps contiguous),
+// written relative to the centre tap c = N / 2 - 1 so that a uniform input comes out exactly: first along the
+// outer axis for every m, acc[m] = x[c][m] + sum over k != c of w_outer[k] (x[k][m] - x[c][m]) (k in order), then
+// along the inner axis, acc[c] + sum over m != c of w_inner[m] (acc[m] - acc[c]) (m in order); float32, no fused
+// multiply-add (warp._lattice_sum). The m lanes are independent: the CPU build runs them in SIMD lanes.
 template <int N>
-D3_DEVICE float d3_lattice_sum(const float* band, long long first, long long inner, long long outer,
-                               const float* w_inner, const float* w_outer) {
-    const int centre = N / 2 - 1;
-    float line[N];
+D3_DEVICE float d3_lattice_sum(const float* plane, long long first, long long outer, const float* w_inner,
+                               const float* w_outer) {
+    const int c = N / 2 - 1;
+    const float* centre = plane + first + c * outer;
+    float acc[N];
+    D3_SIMD for (int m = 0; m < N; ++m) acc[m] = centre[m];
     for (int k = 0; k < N; ++k) {
-        const float* row = band + first + k * outer;
-        const float at_centre = row[centre * inner];
-        float value = at_centre;
-        for (int m = 0; m < N; ++m) {
-            if (m == centre) continue;
-            float term = row[m * inner] - at_centre;
-            term = term * w_inner[m];
-            value = value + term;
-        }
-        line[k] = value;
+        if (k == c) continue;
+        const float* row = plane + first + k * outer;
+        const float w = w_outer[k];
+        D3_SIMD for (int m = 0; m < N; ++m) acc[m] = acc[m] + w * (row[m] - centre[m]);
     }
-    float value = line[centre];
-    for (int k = 0; k < N; ++k) {
-        if (k == centre) continue;
-        float term = line[k] - line[centre];
-        term = term * w_outer[k];
-        value = value + term;
+    float value = acc[c];
+    for (int m = 0; m < N; ++m) {
+        if (m != c) value = value + w_inner[m] * (acc[m] - acc[c]);
     }
     return value;
 }
 
-// Resample a raw mosaic band (band_h x band_w at (src_row0, src_col0) of a frame_h x frame_w frame with Bayer
-// pattern `pattern`) to RGB on an out_h x out_w reference tile at (out_row0, out_col0). `inverse` is B = A^-1
-// (6 doubles); table_rb / table_g are the Lanczos tables (D3_LANCZOS_PHASES rows of 2 lobes floats). 2-D grid,
-// one thread per output pixel; out (3, out_h, out_w), valid and weight (out_h, out_w). valid: 0 invalid, 1 valid,
-// 2 valid but a tap lies outside the band (the Python wrapper raises).
-extern "C" __global__ void d3_warp_lattice(const float* mosaic, int band_h, int band_w, int src_row0, int src_col0,
-                                           int frame_h, int frame_w, int pattern, const double* inverse,
-                                           const float* table_rb, const float* table_g, int out_h, int out_w,
-                                           int out_row0, int out_col0, double feather_px, float* out,
-                                           unsigned char* valid, float* weight) {
+// Resample the lattice planes of a raw mosaic band (band_h x band_w at (src_row0, src_col0) of a frame_h x
+// frame_w frame with Bayer pattern `pattern`, split by d3_lattice_planes) to RGB on an out_h x out_w reference
+// tile at (out_row0, out_col0). `inverse` is B = A^-1 (6 doubles); table_rb / table_g are the Lanczos tables
+// (D3_LANCZOS_PHASES rows of 2 lobes floats). 2-D grid, one thread per output pixel; out (3, out_h, out_w),
+// valid and weight (out_h, out_w). valid: 0 invalid, 1 valid, 2 valid but a tap lies outside the band (the
+// Python wrapper raises).
+extern "C" __global__ void d3_warp_lattice(const float* red, const float* blue, const float* green, int band_h,
+                                           int band_w, int src_row0, int src_col0, int frame_h, int frame_w,
+                                           int pattern, const double* inverse, const float* table_rb,
+                                           const float* table_g, int out_h, int out_w, int out_row0, int out_col0,
+                                           double feather_px, float* out, unsigned char* valid, float* weight) {
     const long long j = d3_global_x(), i = d3_global_y();
     if (i >= out_h || j >= out_w) return;
     const long long plane = (long long)out_h * out_w, k = i * out_w + j;
     const double X = (double)(out_col0 + j), Y = (double)(out_row0 + i);
     const double xs = inverse[0] * X + (inverse[1] * Y + inverse[2]);
     const double ys = inverse[3] * X + (inverse[4] * Y + inverse[5]);
-    const int red_r = pattern >> 1, red_c = pattern & 1;
-    const int site_r[2] = {red_r, 1 - red_r}, site_c[2] = {red_c, 1 - red_c};
-    const int g = (red_r + red_c + 1) & 1;
-    const int nrb = D3_LATTICE_RB_LOBES, ng = D3_LATTICE_G_LOBES;
+    const d3_lattice_layout L = d3_make_lattice_layout(band_h, band_w, src_row0, src_col0, pattern);
+    const int nrb = D3_LATTICE_RB_LOBES, ng = D3_LATTICE_G_LOBES, g = L.g;
 
     bool ok = true;
     long long jx[2], iy[2];
     int px[2], py[2];
     long long lo_x = 0, hi_x = 0, lo_y = 0, hi_y = 0;
     for (int s = 0; s < 2; ++s) {
-        const int r = site_r[s], c = site_c[s];
+        const int r = L.site_r[s], c = L.site_c[s];
         d3_quantise((xs - (double)c) * 0.5, &jx[s], &px[s]);
         d3_quantise((ys - (double)r) * 0.5, &iy[s], &py[s]);
         ok = ok && jx[s] >= nrb - 1 && jx[s] + nrb <= (frame_w - c + 1) / 2 - 1;
@@ -258,8 +313,8 @@ extern "C" __global__ void d3_warp_lattice(const float* mosaic, int band_h, int 
         lo_y = u0 - v0 - (2 * ng - 1);
         hi_y = u0 - v0 + (2 * ng - 1);
         for (int s = 0; s < 2; ++s) {
-            const long long x0 = 2 * (jx[s] - (nrb - 1)) + site_c[s], x1 = 2 * (jx[s] + nrb) + site_c[s];
-            const long long y0 = 2 * (iy[s] - (nrb - 1)) + site_r[s], y1 = 2 * (iy[s] + nrb) + site_r[s];
+            const long long x0 = 2 * (jx[s] - (nrb - 1)) + L.site_c[s], x1 = 2 * (jx[s] + nrb) + L.site_c[s];
+            const long long y0 = 2 * (iy[s] - (nrb - 1)) + L.site_r[s], y1 = 2 * (iy[s] + nrb) + L.site_r[s];
             lo_x = x0 < lo_x ? x0 : lo_x;
             hi_x = x1 > hi_x ? x1 : hi_x;
             lo_y = y0 < lo_y ? y0 : lo_y;
@@ -277,19 +332,15 @@ extern "C" __global__ void d3_warp_lattice(const float* mosaic, int band_h, int 
         return;
     }
     for (int s = 0; s < 2; ++s) {
-        const long long first = (2 * (iy[s] - (nrb - 1)) + site_r[s] - src_row0) * (long long)band_w +
-                                (2 * (jx[s] - (nrb - 1)) + site_c[s] - src_col0);
-        const float* wx = table_rb + (long long)px[s] * (2 * nrb);
-        const float* wy = table_rb + (long long)py[s] * (2 * nrb);
-        out[(s == 0 ? 0 : 2) * plane + k] =
-            d3_lattice_sum<2 * D3_LATTICE_RB_LOBES>(mosaic, first, 2, 2LL * band_w, wx, wy);
+        const long long first = (iy[s] - (nrb - 1) - L.iy0[s]) * L.cols[s] + (jx[s] - (nrb - 1) - L.jx0[s]);
+        out[(s == 0 ? 0 : 2) * plane + k] = d3_lattice_sum<2 * D3_LATTICE_RB_LOBES>(
+            s == 0 ? red : blue, first, L.cols[s], table_rb + (long long)px[s] * (2 * nrb),
+            table_rb + (long long)py[s] * (2 * nrb));
     }
-    // G: inner axis v (pixel step (+1, -1)), outer axis u (pixel step (+1, +1)), first tap (U0 - 4, V0 - 4).
-    const long long first = (u0 - v0 - src_row0) * (long long)band_w + (u0 + v0 - reach + g - src_col0);
-    const float* wv = table_g + (long long)pv * (2 * ng);
-    const float* wu = table_g + (long long)pu * (2 * ng);
-    out[plane + k] = d3_lattice_sum<2 * D3_LATTICE_G_LOBES>(mosaic, first, 1 - (long long)band_w,
-                                                            1 + (long long)band_w, wv, wu);
+    // G: inner axis v, outer axis u; first tap (U0 - n + 1, V0 - n + 1).
+    const long long first = (u0 - (ng - 1) - L.u_lo) * L.n_v + (v0 - (ng - 1) - L.v_lo);
+    out[plane + k] = d3_lattice_sum<2 * D3_LATTICE_G_LOBES>(green, first, L.n_v, table_g + (long long)pv * (2 * ng),
+                                                            table_g + (long long)pu * (2 * ng));
     valid[k] = 1;
     if (feather_px > 0.0) {
         const double ex = fmin(xs + 0.5, (frame_w - 0.5) - xs);

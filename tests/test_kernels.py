@@ -665,7 +665,7 @@ def test_each_kernel_file_compiles_as_cpp(path):
     compiler = native.find_compiler()
     if compiler is None:
         pytest.skip("no C++ compiler (g++, c++ or $CXX)")
-    cpu = subprocess.run([compiler, *native.CXX_FLAGS[:-1], "-fsyntax-only", "-Wall", "-Werror",
+    cpu = subprocess.run([compiler, *native.CXX_FLAGS, "-fsyntax-only", "-Wall", "-Werror",
                           f"-I{REPO / 'kernels'}", str(path)], capture_output=True, text=True)
     assert cpu.returncode == 0, cpu.stderr
 

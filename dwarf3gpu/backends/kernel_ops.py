@@ -30,7 +30,8 @@ from ..stack import (
     _settings,
 )
 from ..stars import BAYER_PATTERNS
-from ..warp import LATTICE_LOBES, WARP_METHODS, _check_method, _frame_size, lanczos_table, plane_transform
+from ..warp import (LATTICE_LOBES, WARP_METHODS, _check_method, _frame_size, lanczos_table, lattice_layout,
+                    plane_transform)
 from .kernels import BLOCK_1D, grid_1d, grid_2d
 
 __all__ = ["KernelOps", "pattern_code", "MOMENT_SEGMENT", "HISTOGRAM_SEGMENT"]
@@ -344,10 +345,18 @@ class KernelOps:
         rows, cols = int(out_shape[0]), int(out_shape[1])
         out, valid, weight = self._warp_buffers((3, rows, cols), rows, cols)
         if rows and cols:
+            layout = lattice_layout(data.shape, src_origin, pattern)
+            red, blue = (xp.empty((layout.rows[s], layout.cols[s]), xp.float32) for s in (0, 1))
+            green = xp.zeros((layout.n_u, layout.n_v), xp.float32)
+            if data.size:
+                grid, block = grid_2d(*data.shape)
+                self._launch("d3_lattice_planes", grid, block, data, _i32(data.shape[0], "band rows"),
+                             _i32(data.shape[1], "band columns"), _i32(src_origin[0], "src row"),
+                             _i32(src_origin[1], "src column"), np.int32(code), red, blue, green)
             grid, block = grid_2d(rows, cols)
             table_rb, table_g = self._lanczos_tables()
             inverse = xp.asarray(invert_transform(A).ravel())
-            self._launch("d3_warp_lattice", grid, block, data, _i32(data.shape[0], "band rows"),
+            self._launch("d3_warp_lattice", grid, block, red, blue, green, _i32(data.shape[0], "band rows"),
                          _i32(data.shape[1], "band columns"), _i32(src_origin[0], "src row"),
                          _i32(src_origin[1], "src column"), _i32(frame_h, "frame rows"), _i32(frame_w, "frame columns"),
                          np.int32(code), inverse, table_rb, table_g, _i32(rows, "rows"), _i32(cols, "columns"),

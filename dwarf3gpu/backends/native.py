@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -40,8 +41,11 @@ __all__ = [
     "native_ops",
 ]
 
-CXX_FLAGS = ("-x", "c++", "-std=c++17", "-O3", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-ftls-model=initial-exec")
-"""Compiler flags of the CPU build. ``-ffp-contract=off``: no fused multiply-add, as the GPU's ``--fmad=false``."""
+CXX_FLAGS = ("-x", "c++", "-std=c++17", "-O3", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared",
+             "-ftls-model=initial-exec") + (("-msse4.1",) if platform.machine().lower() in ("x86_64", "amd64") else ())
+"""Compiler flags of the CPU build. ``-ffp-contract=off``: no fused multiply-add, as the GPU's ``--fmad=false``.
+``-msse4.1`` on x86-64 (every x86-64 CPU since 2008): ``floor`` becomes one instruction instead of a libm call,
+about 10 % of the lattice resampler's time (measured)."""
 
 _LIBRARY = "kernels.so"
 _SOURCE = "kernels_cpu.cpp"
@@ -57,7 +61,7 @@ _CTYPES = {
 _LAUNCHER = """
 extern "C" void launch_{name}(unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx,
                               unsigned int by, unsigned int bz, {params}) {{
-    d3_run_grid(gx, gy, gz, bx, by, bz, [&] {{ {name}({args}); }});
+    d3_run_grid(gx, gy, gz, bx, by, bz, [=] {{ {name}({args}); }});
 }}
 """
 
