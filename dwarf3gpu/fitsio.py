@@ -181,6 +181,7 @@ def read_header(path: str | os.PathLike) -> fits.Header:
 
 def read_raw_uint16(
     path: str | os.PathLike, layout: FitsLayout | None = None, rows: tuple[int, int] | None = None,
+    cols: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, fits.Header]:
     """Read a 16-bit ``BZERO = 32768`` frame as native ``uint16`` (exact), the pipeline's fast path.
 
@@ -193,6 +194,9 @@ def read_raw_uint16(
     rows : (int, int), optional
         Read only image rows ``rows[0]:rows[1]`` (half-open, 2-D images): one contiguous read of those rows, as a
         stacking band needs them.
+    cols : (int, int), optional
+        Return only columns ``cols[0]:cols[1]`` (2-D images): the rows are still read whole (one contiguous
+        read), but only the window is decoded, into a C-contiguous array.
 
     Returns
     -------
@@ -210,6 +214,10 @@ def read_raw_uint16(
     if not layout.is_raw_uint16:
         raise FitsReadError(path, "not an unsigned 16-bit frame (BITPIX=16, BZERO=32768, BSCALE=1); use read_fits")
     stored = _read_data_unit(path, layout, ">u2", rows)
+    if cols is not None:
+        if stored.ndim != 2:
+            raise ValueError(f"a column range needs a 2-D image, not shape {stored.shape}")
+        stored = stored[:, max(0, int(cols[0])):max(0, int(cols[1]))]
     # one pass: byte swap to native order (the dtype cast) and flip the sign bit (+32768 modulo 2**16)
     data = np.bitwise_xor(stored, np.uint16(0x8000), dtype=np.uint16)
     return data, layout.header

@@ -402,7 +402,19 @@ class _FrameRenderer:
         self.frame_size, self.superpixel, self.cfa = frame_size, superpixel, cfa
         self.calibration = calibration
 
-    def __call__(self, index: int, row0: int, row1: int, col0: int, col1: int):
+    def render_into(self, index: int, row0: int, row1: int, col0: int, col1: int, data: np.ndarray,
+                    valid: np.ndarray, weight: np.ndarray) -> None:
+        """Render into the given arrays ((C, rows, cols) float32, (rows, cols) bool and float32, C-contiguous):
+        the lattice resampler writes there directly, the other paths are copied."""
+        results = self(index, row0, row1, col0, col1, out=(data, valid, weight))
+        for target, result in zip((data, valid, weight), results):
+            if result is not target:
+                np.copyto(target, np.reshape(result, target.shape))
+
+    def __call__(self, index: int, row0: int, row1: int, col0: int, col1: int,
+                 out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None):
+        """(data, valid, weight) of frame ``index`` on the tile; ``out`` as for :func:`warp.warp_lattice` (used
+        by the lattice path only)."""
         record = self.kept[index]
         A = np.asarray(self.matrices[record.frame.name], float)
         height, width = self.frame_size
@@ -423,17 +435,18 @@ class _FrameRenderer:
         margin = (LATTICE_MARGIN if lattice
                   else window_margin(method, bayer_planes=self.cfa) + (0 if self.cfa else DEBAYER_MARGIN))
         r0, r1, c0, c1 = source_window(A, out_shape, out_origin, (height, width), margin)
-        band = _read_window(record.frame.path, self.calibration, (r0, r1, c0, c1)).astype(np.float32, copy=False)
+        band = _read_window(record.frame.path, self.calibration, (r0, r1, c0, c1))
         common = dict(out_origin=out_origin, src_origin=(r0, c0), src_size=(height, width), method=method,
                       feather_px=self.config.feather_px)
+        if lattice:  # each colour straight from its own CFA lattice: no separate demosaic (METHODS.md, "Warp")
+            del common["method"]  # the lattice resampler has its own kernels; it takes the raw uint16 as read
+            warped, valid, weight = self.backend.warp_lattice(band, self.pattern, A, out_shape, out=out, **common)
+            return _normalise(warped, offset, scale), valid, weight
+        band = band.astype(np.float32, copy=False)
         if self.cfa:
             warped, valid, weight = self.backend.warp_bayer_planes(band, self.pattern, A, out_shape, **common)
             channel = _cfa_channel_map(self.pattern, out_origin, out_shape)
             return _normalise(warped[None], offset[channel], scale[channel]), valid, weight
-        if lattice:  # each colour straight from its own CFA lattice: no separate demosaic (METHODS.md, "Warp")
-            del common["method"]  # the lattice resampler has its own kernels
-            warped, valid, weight = self.backend.warp_lattice(band, self.pattern, A, out_shape, **common)
-            return _normalise(warped, offset, scale), valid, weight
         if self.config.demosaic == "mhc":
             rgb = debayer_mhc(band, self.pattern, origin=(r0, c0))
         else:
@@ -475,13 +488,15 @@ def _applied_matrix(matrix: np.ndarray, align_mode: str, size: tuple[int, int]) 
     return np.asarray(matrix, float).tolist()
 
 
-def _read_mosaic(path: Path, rows: tuple[int, int] | None = None) -> np.ndarray:
-    """Raw frame (or its rows ``rows[0]:rows[1]``) as uint16 (fast path: only those rows are read) or float32."""
+def _read_mosaic(path: Path, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> np.ndarray:
+    """Raw frame (or its window ``rows[0]:rows[1]``, ``cols[0]:cols[1]``) as uint16 (fast path: only those rows
+    are read, only the window decoded) or float32."""
     layout = read_layout(path)
     if layout.is_raw_uint16:
-        return read_raw_uint16(path, layout, rows)[0]
+        return read_raw_uint16(path, layout, rows, cols)[0]
     data = read_fits(path).data
-    return data if rows is None else data[rows[0]:rows[1]]
+    data = data if rows is None else data[rows[0]:rows[1]]
+    return data if cols is None else data[:, cols[0]:cols[1]]
 
 
 def _read_window(path: Path, calibration: DarkCalibration | None,
@@ -494,12 +509,12 @@ def _read_window(path: Path, calibration: DarkCalibration | None,
     on the tiling.
     """
     if calibration is None:  # as stored (uint16 on the fast path)
-        return _read_mosaic(path) if window is None else _read_mosaic(path, window[:2])[:, window[2]:window[3]]
+        return _read_mosaic(path) if window is None else _read_mosaic(path, window[:2], window[2:])
     height, width = calibration.offset.shape
     r0, r1, c0, c1 = window if window is not None else (0, height, 0, width)
     e0, e1 = max(0, r0 - HOT_REACH), min(height, r1 + HOT_REACH)
     f0, f1 = max(0, c0 - HOT_REACH), min(width, c1 + HOT_REACH)
-    band = _read_mosaic(path, (e0, e1))[:, f0:f1].astype(np.float32)
+    band = _read_mosaic(path, (e0, e1), (f0, f1)).astype(np.float32)
     calibrate_window(band, (e0, f0), calibration)
     return band[r0 - e0:r1 - e0, c0 - f0:c1 - f0]
 

@@ -1112,7 +1112,9 @@ def stack_tiles(
         From :func:`plan_tiles` for this ``out_shape`` and ``n_frames``.
     render_tile : callable
         ``render_tile(frame_index, row0, row1, col0, col1) -> (data, valid, weight)``; called from the
-        executor's threads when one is given (it must then be thread-safe).
+        executor's threads when one is given (it must then be thread-safe). If it has a method
+        ``render_into(frame_index, row0, row1, col0, col1, data, valid, weight)``, that is called instead with
+        the tile buffer's own (C, rows, cols), (rows, cols) and (rows, cols) C-contiguous views to fill (no copy).
     n_frames : int
         Number of frames.
     out_shape : tuple of int
@@ -1154,18 +1156,28 @@ def stack_tiles(
     coverage = np.empty((height, width), dtype)
     rejected = np.empty((channels, height, width), dtype)
     most = plan.tile_shape[0] * plan.tile_shape[1]
-    data_buf = np.empty((n_frames, channels, most), np.float32)
-    valid_buf = np.empty((n_frames, most), bool)
-    weight_buf = np.empty((n_frames, most), np.float32)
+    data_buf = np.empty(n_frames * channels * most, np.float32)
+    valid_buf = np.empty(n_frames * most, bool)
+    weight_buf = np.empty(n_frames * most, np.float32)
     tile_mean = np.empty((channels, most), np.float32)
     tile_coverage = np.empty((1, most), dtype)
     tile_rejected = np.empty((channels, most), dtype)
+    render_into = getattr(render_tile, "render_into", None)
 
     for index, (row0, row1, col0, col1) in enumerate(plan.tiles):
         rows, cols = row1 - row0, col1 - col0
         n_pix = rows * cols
+        # this tile's (N, C, P), (N, P), (N, P) buffers: contiguous, so each frame's block is a C-order image
+        data_tile = data_buf[:n_frames * channels * n_pix].reshape(n_frames, channels, n_pix)
+        valid_tile = valid_buf[:n_frames * n_pix].reshape(n_frames, n_pix)
+        weight_tile = weight_buf[:n_frames * n_pix].reshape(n_frames, n_pix)
 
         def fill(k: int) -> None:
+            if render_into is not None:
+                render_into(k, row0, row1, col0, col1, data_tile[k].reshape(channels, rows, cols),
+                            valid_tile[k].reshape(rows, cols), weight_tile[k].reshape(rows, cols))
+                valid_tile[k] &= np.isfinite(data_tile[k]).all(axis=0)
+                return
             data, valid, weight = render_tile(k, row0, row1, col0, col1)
             data = np.asarray(data)
             if data.shape == (rows, cols) and channels == 1:
@@ -1175,14 +1187,13 @@ def stack_tiles(
                 raise ValueError(f"render_tile({k}, {row0}, {row1}, {col0}, {col1}) returned shapes {data.shape}, "
                                  f"{np.shape(valid)}, {np.shape(weight)}; expected ({channels}, {rows}, {cols}) "
                                  f"and ({rows}, {cols}) twice")
-            data_buf[k, :, :n_pix] = data.reshape(channels, n_pix)
-            np.logical_and(np.reshape(valid, n_pix), np.isfinite(data).all(axis=0).reshape(n_pix),
-                           out=valid_buf[k, :n_pix])
-            weight_buf[k, :n_pix] = np.reshape(weight, n_pix)
+            data_tile[k] = data.reshape(channels, n_pix)
+            np.logical_and(np.reshape(valid, n_pix), np.isfinite(data).all(axis=0).reshape(n_pix), out=valid_tile[k])
+            weight_tile[k] = np.reshape(weight, n_pix)
 
         _run(executor, fill, range(n_frames))
         (clip or _clip_into)(
-            data_buf[:, :, :n_pix], valid_buf[:, None, :n_pix], weight_buf[:, None, :n_pix], fw, cfg,
+            data_tile, valid_tile[:, None], weight_tile[:, None], fw, cfg,
             tile_mean[:, :n_pix], tile_coverage[:, :n_pix], tile_rejected[:, :n_pix], None, executor,
         )
         mean[:, row0:row1, col0:col1] = tile_mean[:, :n_pix].reshape(channels, rows, cols)

@@ -662,6 +662,7 @@ def warp_lattice(
     src_origin: tuple[int, int] = (0, 0),
     src_size: tuple[int, int] | None = None,
     feather_px: float = 0.0,
+    out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Resample a raw mosaic straight to RGB on the reference grid: every colour from its own CFA lattice.
 
@@ -696,6 +697,9 @@ def warp_lattice(
         (height, width) of the full frame; None when ``mosaic`` is the whole frame.
     feather_px : float, optional
         Edge taper of ``weight`` in source pixels, as in :func:`warp_affine`.
+    out : tuple of numpy.ndarray, optional
+        ``(rgb, valid, weight)`` arrays of the returned shapes and types to write into (and return), e.g. views
+        of a stacking buffer.
 
     Returns
     -------
@@ -781,4 +785,8 @@ def warp_lattice(
             np.copyto(weight[first:last], taper, where=ok)
         else:
             weight[first:last] = ok
+    if out is not None:
+        for target, result in zip(out, (rgb, valid, weight)):
+            np.copyto(target, result)
+        return tuple(out)
     return rgb, valid, weight

@@ -218,13 +218,14 @@ D3_DEVICE d3_lattice_layout d3_make_lattice_layout(int band_h, int band_w, int s
 }
 
 // Split a mosaic band into its red, blue and green lattice planes (layout above; the caller zeroes `green`
-// first). 2-D grid over the band, one thread per band pixel.
-extern "C" __global__ void d3_lattice_planes(const float* mosaic, int band_h, int band_w, int src_row0, int src_col0,
-                                             int pattern, float* red, float* blue, float* green) {
+// first): the value of band pixel (x, y), converted to float32, goes to its colour's plane.
+template <class T>
+D3_DEVICE void d3_lattice_split(const T* mosaic, int band_h, int band_w, int src_row0, int src_col0, int pattern,
+                                float* red, float* blue, float* green) {
     const long long x = d3_global_x(), y = d3_global_y();
     if (y >= band_h || x >= band_w) return;
     const d3_lattice_layout L = d3_make_lattice_layout(band_h, band_w, src_row0, src_col0, pattern);
-    const float value = mosaic[y * band_w + x];
+    const float value = (float)mosaic[y * band_w + x];
     const long long X = src_col0 + x, Y = src_row0 + y;
     for (int s = 0; s < 2; ++s) {
         if ((int)(Y & 1) == L.site_r[s] && (int)(X & 1) == L.site_c[s]) {
@@ -235,6 +236,18 @@ extern "C" __global__ void d3_lattice_planes(const float* mosaic, int band_h, in
     }
     const long long a = ((X + Y - L.g) >> 1) - L.u_lo, b = ((X - Y - L.g) >> 1) - L.v_lo;
     green[a * L.n_v + b] = value;
+}
+
+// d3_lattice_split of a float32 band. 2-D grid over the band, one thread per band pixel.
+extern "C" __global__ void d3_lattice_planes(const float* mosaic, int band_h, int band_w, int src_row0, int src_col0,
+                                             int pattern, float* red, float* blue, float* green) {
+    d3_lattice_split(mosaic, band_h, band_w, src_row0, src_col0, pattern, red, blue, green);
+}
+
+// d3_lattice_split of a raw uint16 band (values exact in float32): no float32 copy of the band first.
+extern "C" __global__ void d3_lattice_planes_u16(const unsigned short* mosaic, int band_h, int band_w, int src_row0,
+                                                 int src_col0, int pattern, float* red, float* blue, float* green) {
+    d3_lattice_split(mosaic, band_h, band_w, src_row0, src_col0, pattern, red, blue, green);
 }
 
 // Lattice coordinate rounded to 1 / D3_LANCZOS_PHASES: q = floor(coord P + 0.5), base = floor(q / P), phase.

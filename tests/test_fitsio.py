@@ -39,6 +39,9 @@ def test_raw_uint16_exact_and_matches_astropy(raw_frame):
     np.testing.assert_array_equal(raw, truth)
     assert raw.dtype == np.uint16 and raw.flags.c_contiguous
     assert header["BAYERPAT"] == "RGGB"
+    window, _ = read_raw_uint16(path, rows=(3, 11), cols=(5, 17))  # a stacking window: decoded alone, contiguous
+    np.testing.assert_array_equal(window, truth[3:11, 5:17])
+    assert window.flags.c_contiguous
 
 
 def test_signed_16bit_and_scaled_data_use_astropy_semantics(tmp_path):

@@ -32,7 +32,8 @@ from dwarf3gpu.debayer import debayer_bilinear, debayer_superpixel
 from dwarf3gpu.errors import BackendUnavailableError
 from dwarf3gpu.fitsio import read_fits, read_layout, write_raw_uint16
 from dwarf3gpu.stars import luminance_proxy
-from dwarf3gpu.warp import (LATTICE_MARGIN, shift_integer, source_window, warp_affine, warp_bayer_planes, warp_lattice,
+from dwarf3gpu.backends.kernels import grid_2d
+from dwarf3gpu.warp import (LATTICE_MARGIN, lattice_layout, lattice_planes, shift_integer, source_window, warp_affine, warp_bayer_planes, warp_lattice,
                              window_margin)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,6 +226,22 @@ def test_warp_lattice_bit_identical(ops, pattern):
                 assert_same(g, w)
             nan_seen = nan_seen or bool(np.isnan(want[0]).any())
     assert nan_seen  # a NaN sample propagates to the values whose kernels reach it
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_lattice_planes_split_exactly(ops, pattern):
+    """d3_lattice_planes (float32) and d3_lattice_planes_u16 against warp.lattice_planes, odd band origins too."""
+    rng = np.random.default_rng(15)
+    for shape, origin in [((9, 12), (0, 0)), ((10, 7), (3, 5)), ((1, 1), (1, 0)), ((5, 2), (2, 1))]:
+        for band in (rng.integers(0, 65536, shape, dtype=np.uint16), rng.normal(0, 1e3, shape).astype(np.float32)):
+            L = lattice_layout(band.shape, origin, pattern)
+            got = [np.empty((L.rows[s], L.cols[s]), np.float32) for s in (0, 1)] + [np.zeros((L.n_u, L.n_v), np.float32)]
+            kernel = "d3_lattice_planes_u16" if band.dtype == np.uint16 else "d3_lattice_planes"
+            grid, block = grid_2d(*band.shape)
+            ops._launch(kernel, grid, block, band, np.int32(shape[0]), np.int32(shape[1]), np.int32(origin[0]),
+                        np.int32(origin[1]), np.int32(PATTERNS.index(pattern)), *got)
+            for g, w in zip(got, lattice_planes(band, origin, pattern)):
+                assert_same(g, w)
 
 
 @pytest.mark.parametrize("pattern", ["GRBG", "BGGR"])

@@ -20,6 +20,8 @@ from dwarf3gpu.warp import (
     LATTICE_LOBES,
     LATTICE_MARGIN,
     lanczos_table,
+    lattice_layout,
+    lattice_planes,
     source_window,
     warp_affine,
     warp_lattice,
@@ -98,6 +100,31 @@ def test_matches_brute_force_reference(pattern):
     assert np.array_equal(valid, ref_valid) and valid.sum() > 100
     np.testing.assert_allclose(rgb[:, valid], ref[:, valid], rtol=0, atol=0.05)  # float32 sums of ~1e5 values
     assert np.all(rgb[:, ~valid] == 0) and np.array_equal(weight, valid.astype(np.float32))
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "GBRG"])
+def test_lattice_planes_hold_every_pixel_where_the_layout_says(pattern):
+    band = np.arange(1, 11 * 8 + 1, dtype=np.float32).reshape(11, 8)
+    for origin in [(0, 0), (3, 0), (4, 7), (-1, 2)]:  # a negative origin only exercises the floor arithmetic
+        L = lattice_layout(band.shape, origin, pattern)
+        red, blue, green = lattice_planes(band, origin, pattern)
+        assert red.shape == (L.rows[0], L.cols[0]) and blue.shape == (L.rows[1], L.cols[1])
+        (rr, rc), (br, bc) = bayer_offsets(pattern)["R"][0], bayer_offsets(pattern)["B"][0]
+        seen = 0
+        for y in range(band.shape[0]):
+            for x in range(band.shape[1]):
+                Y, X = y + origin[0], x + origin[1]
+                for s, (r, c), plane in ((0, (rr, rc), red), (1, (br, bc), blue)):
+                    if Y % 2 == r and X % 2 == c:  # lattice point (j, i) = ((X - c) / 2, (Y - r) / 2)
+                        assert plane[(Y - r) // 2 - L.iy0[s], (X - c) // 2 - L.jx0[s]] == band[y, x]
+                        seen += 1
+                if (X + Y) % 2 == L.g:  # (U, V) with X = U + V + g, Y = U - V
+                    U, V = (X + Y - L.g) // 2, (X - Y - L.g) // 2
+                    assert green[U - L.u_lo, V - L.v_lo] == band[y, x]
+                    seen += 1
+        assert seen == band.size
+        assert np.count_nonzero(green) == np.count_nonzero((np.add.outer(np.arange(11) + origin[0],
+                                                                          np.arange(8) + origin[1]) % 2) == L.g)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

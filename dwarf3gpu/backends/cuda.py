@@ -212,9 +212,14 @@ class CudaBackend:
         """See :func:`dwarf3gpu.warp.warp_bayer_planes`."""
         return tuple(self._host(a) for a in self.ops.warp_bayer_planes(mosaic, pattern, matrix, out_shape, **kwargs))
 
-    def warp_lattice(self, mosaic, pattern, matrix, out_shape, **kwargs):
-        """See :func:`dwarf3gpu.warp.warp_lattice` (``d3_warp_lattice``)."""
-        return tuple(self._host(a) for a in self.ops.warp_lattice(mosaic, pattern, matrix, out_shape, **kwargs))
+    def warp_lattice(self, mosaic, pattern, matrix, out_shape, out=None, **kwargs):
+        """See :func:`dwarf3gpu.warp.warp_lattice` (``d3_warp_lattice``); ``out``: host arrays to copy into."""
+        results = tuple(self._host(a) for a in self.ops.warp_lattice(mosaic, pattern, matrix, out_shape, **kwargs))
+        if out is None:
+            return results
+        for target, result in zip(out, results):
+            np.copyto(target, result)
+        return tuple(out)
 
     def shift_integer(self, image, dx, dy, out_shape):
         """See :func:`dwarf3gpu.warp.shift_integer` (exact; runs on the host, it is a copy)."""

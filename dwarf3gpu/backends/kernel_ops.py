@@ -11,6 +11,7 @@ module ``xp`` and a ``launch(name, grid, block, *args)`` callable, so the CPU bu
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import Executor
 from typing import Any, Callable, Sequence
 
@@ -87,6 +88,7 @@ class KernelOps:
         self._launch = launch
         self.xp = xp
         self.clip_max_frames = int(clip_max_frames)
+        self._scratch = threading.local()
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -224,6 +226,32 @@ class KernelOps:
         return (xp.empty(image_shape, xp.float32), xp.empty((rows, cols), xp.uint8),
                 xp.empty((rows, cols), xp.float32))
 
+    def _thread_scratch(self, sizes: Sequence[int]) -> list[Any]:
+        """Uninitialised float32 arrays of ``sizes`` elements, owned by the calling thread and reused by its next
+        call (one growing buffer: no fresh pages per call). Valid until this thread's next call."""
+        total = int(sum(sizes))
+        buffer = getattr(self._scratch, "buffer", None)
+        if buffer is None or buffer.size < total:
+            buffer = self._scratch.buffer = self.xp.empty(total, self.xp.float32)
+        parts, start = [], 0
+        for size in sizes:
+            parts.append(buffer[start:start + size])
+            start += size
+        return parts
+
+    def _out_buffers(self, out: tuple[Any, Any, Any] | None, image_shape: tuple[int, ...], rows: int,
+                     cols: int) -> tuple[Any, Any, Any]:
+        """The caller's output arrays (checked; bool ``valid`` is written through a uint8 view) or fresh ones."""
+        if out is None:
+            return self._warp_buffers(image_shape, rows, cols)
+        image, valid, weight = out
+        expected = ((image, image_shape, self.xp.float32), (valid, (rows, cols), self.xp.bool_),
+                    (weight, (rows, cols), self.xp.float32))
+        for array, shape, dtype in expected:
+            if tuple(array.shape) != tuple(shape) or array.dtype != dtype or not array.flags.c_contiguous:
+                raise ValueError(f"out arrays must be C-contiguous {[(tuple(s), np.dtype(d).name) for _, s, d in expected]}")
+        return image, valid.view(self.xp.uint8), weight
+
     def _finish_warp(self, valid: Any, what: str) -> Any:
         """Raise when a kernel flagged a tap outside the band (2), else the mask as bool."""
         if bool((valid == 2).any()):
@@ -319,9 +347,12 @@ class KernelOps:
 
     def warp_lattice(self, mosaic: Any, pattern: str, A: Any, out_shape: tuple[int, int], *,
                      out_origin: tuple[int, int] = (0, 0), src_origin: tuple[int, int] = (0, 0),
-                     src_size: tuple[int, int] | None = None, feather_px: float = 0.0) -> tuple[Any, Any, Any]:
+                     src_size: tuple[int, int] | None = None, feather_px: float = 0.0,
+                     out: tuple[Any, Any, Any] | None = None) -> tuple[Any, Any, Any]:
         """Resample a mosaic straight to RGB, each colour from its own lattice; see
-        :func:`dwarf3gpu.warp.warp_lattice`.
+        :func:`dwarf3gpu.warp.warp_lattice`. With ``out`` (write into these arrays, as there: the streaming
+        stacking path), the lattice planes live in the calling thread's scratch buffer, so a stacking worker splits
+        every frame into the same memory; without, they are fresh arrays.
 
         Returns
         -------
@@ -339,18 +370,25 @@ class KernelOps:
             raise ValueError("warp_lattice needs a Bayer pattern")
         if not feather_px >= 0.0:
             raise ValueError(f"feather_px must be >= 0, got {feather_px}")
-        data = self._mosaic(mosaic)
+        raw = xp.asarray(mosaic)
+        # a uint16 mosaic (the raw frame as read) is split into the planes as it is: no float32 copy first
+        data = xp.ascontiguousarray(raw) if raw.dtype == xp.uint16 and raw.ndim == 2 else self._mosaic(raw)
         src_origin = (int(src_origin[0]), int(src_origin[1]))
         frame_h, frame_w = _frame_size(data.shape, src_origin, src_size)
         rows, cols = int(out_shape[0]), int(out_shape[1])
-        out, valid, weight = self._warp_buffers((3, rows, cols), rows, cols)
+        streaming = out is not None
+        out, valid, weight = self._out_buffers(out, (3, rows, cols), rows, cols)
         if rows and cols:
             layout = lattice_layout(data.shape, src_origin, pattern)
-            red, blue = (xp.empty((layout.rows[s], layout.cols[s]), xp.float32) for s in (0, 1))
-            green = xp.zeros((layout.n_u, layout.n_v), xp.float32)
+            # Uninitialised: the split writes every cell a valid pixel's taps reach (warp.LatticeLayout).
+            shapes = [(layout.rows[0], layout.cols[0]), (layout.rows[1], layout.cols[1]), (layout.n_u, layout.n_v)]
+            sizes = [math.prod(shape) for shape in shapes]
+            parts = self._thread_scratch(sizes) if streaming else [xp.empty(size, xp.float32) for size in sizes]
+            red, blue, green = (part.reshape(shape) for part, shape in zip(parts, shapes))
             if data.size:
                 grid, block = grid_2d(*data.shape)
-                self._launch("d3_lattice_planes", grid, block, data, _i32(data.shape[0], "band rows"),
+                self._launch("d3_lattice_planes_u16" if data.dtype == xp.uint16 else "d3_lattice_planes", grid, block,
+                             data, _i32(data.shape[0], "band rows"),
                              _i32(data.shape[1], "band columns"), _i32(src_origin[0], "src row"),
                              _i32(src_origin[1], "src column"), np.int32(code), red, blue, green)
             grid, block = grid_2d(rows, cols)
