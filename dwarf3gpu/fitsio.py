@@ -225,8 +225,8 @@ def read_raw_uint16(
 
 def _read_data_unit(path: str | os.PathLike, layout: FitsLayout, dtype: str,
                     rows: tuple[int, int] | None = None) -> np.ndarray:
-    """Read the primary data unit (or rows ``rows[0]:rows[1]`` of a 2-D one) as stored (big-endian ``dtype``),
-    shaped; raise FitsReadError on short reads."""
+    """The primary data unit (or rows ``rows[0]:rows[1]`` of a 2-D one) as stored (big-endian ``dtype``), shaped,
+    memory-mapped read-only; raise FitsReadError when the file is shorter."""
     shape, offset = layout.shape, layout.data_offset
     if rows is not None:
         if len(shape) != 2:
@@ -237,14 +237,15 @@ def _read_data_unit(path: str | os.PathLike, layout: FitsLayout, dtype: str,
         shape = (row1 - row0, shape[1])
     count = int(np.prod(shape, dtype=np.int64))
     try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            stored = np.fromfile(fh, dtype=dtype, count=count)
+        if os.path.getsize(path) < offset + count * np.dtype(dtype).itemsize:
+            raise FitsReadError(path, "the data unit is truncated")
+        if count == 0:
+            return np.empty(shape, dtype)
+        # Mapped, not read: the decode reads the page cache directly (no copy into fresh pages first); the file
+        # is closed when the array is dropped (the callers decode it at once).
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape).view(np.ndarray)
     except OSError as exc:
         raise FitsReadError(path, f"cannot be read ({exc.strerror or exc})") from exc
-    if stored.size != count:
-        raise FitsReadError(path, "the data unit is truncated")
-    return stored.reshape(shape)
 
 
 def read_fits(path: str | os.PathLike, *, fast: bool = True) -> FitsImage:

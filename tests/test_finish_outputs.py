@@ -1,4 +1,4 @@
-"""Writers used after stacking: same bytes as astropy's own path, inputs untouched, exact statistics."""
+"""Writers and statistics used around stacking: same bytes as astropy's own path, inputs untouched, exact statistics."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 from astropy.io import fits
 
 from dwarf3gpu.fitsio import write_fits
-from dwarf3gpu.pipeline import _robust_noise
+from dwarf3gpu.pipeline import _cfa_channel_medians, _robust_noise, _uint16_median
 from dwarf3gpu.stretch import mtf
 
 
@@ -43,3 +43,19 @@ def test_mtf_equals_the_formula_bitwise():
         m32 = np.float32(m)
         expected = (m32 - np.float32(1.0)) * x / ((np.float32(2.0) * m32 - np.float32(1.0)) * x - m32)
         assert np.array_equal(mtf(m, x).view(np.uint32), expected.view(np.uint32))
+
+
+def test_background_medians_by_counting_equal_numpy():
+    """The backgrounds pass takes uint16 medians from a histogram: same values as np.nanmedian of the float32
+    samples (odd and even counts, ties, tiny and full 16-bit ranges), and the float path is np.nanmedian."""
+    rng = np.random.default_rng(8)
+    for n in (1, 2, 3, 10, 11, 1000, 1001):
+        for top in (3, 100, 65536):
+            x = rng.integers(0, top, n).astype(np.uint16)
+            assert _uint16_median(x) == float(np.nanmedian(x.astype(np.float32)))
+    mosaic = rng.integers(0, 65536, (40, 64)).astype(np.uint16)
+    as_float = mosaic.astype(np.float32)
+    as_float[0, 0] = np.nan
+    for pattern in ("RGGB", "GRBG"):
+        assert np.array_equal(_cfa_channel_medians(mosaic, pattern), _cfa_channel_medians(mosaic.astype(np.float32), pattern))
+        assert np.isfinite(_cfa_channel_medians(as_float, pattern)).all()
