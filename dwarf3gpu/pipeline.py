@@ -157,9 +157,7 @@ def stack_session(
                          calibration)
         timings["stack"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        outputs.update(_write_master(stacked, analysis, config, out_dir))
-        if config.quicklook and stacked.rgb is not None:
-            outputs.update(_write_previews(stacked, config, out_dir))
+        outputs.update(_write_outputs(stacked, analysis, config, out_dir))
         timings["finish"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
@@ -534,13 +532,25 @@ def _calibration_summary(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cfa_channel_medians(mosaic: np.ndarray, pattern: str) -> np.ndarray:
-    """Median of each colour's raw pixels (every 2nd cell sampled: plenty for a background level)."""
+    """Median of each colour's raw pixels (every 2nd cell sampled: plenty for a background level), as
+    ``np.nanmedian`` of the float32 samples gives it; uint16 mosaics by counting (exact, no sort)."""
     offsets = bayer_offsets(pattern)
     out = []
     for name in "RGB":
-        samples = np.concatenate([mosaic[dr::4, dc::4].ravel() for dr, dc in offsets[name]]).astype(np.float32)
-        out.append(float(np.nanmedian(samples)))
+        samples = np.concatenate([mosaic[dr::4, dc::4].ravel() for dr, dc in offsets[name]])
+        out.append(_uint16_median(samples) if samples.dtype == np.uint16 else
+                   float(np.nanmedian(samples.astype(np.float32))))
     return np.array(out)
+
+
+def _uint16_median(samples: np.ndarray) -> float:
+    """Median of uint16 samples from their histogram: the middle value, or the mean of the two middle values
+    (exact in float32, as ``np.median`` of the float32 samples)."""
+    if samples.size == 0:
+        return float("nan")
+    cumulative = np.cumsum(np.bincount(samples, minlength=1))
+    low, high = np.searchsorted(cumulative, [(samples.size - 1) // 2 + 1, samples.size // 2 + 1])
+    return float((np.float32(low) + np.float32(high)) / np.float32(2))
 
 
 def _frame_weights(kept, mode: str) -> np.ndarray:
@@ -659,15 +669,25 @@ def _first_header_value(path: Path, key: str) -> Any:
     return value.strip() if isinstance(value, str) else value
 
 
-def _write_master(stacked: Stacked, analysis: SessionAnalysis, config: StackConfig, out_dir: Path) -> dict[str, Path]:
-    """Write the linear master, coverage and rejected maps, and the colour calibration."""
-    header = _master_header(analysis, config, stacked)
-    outputs: dict[str, Path] = {}
+def _write_outputs(stacked: Stacked, analysis: SessionAnalysis, config: StackConfig,
+                   out_dir: Path) -> dict[str, Path]:
+    """Colour calibration, then the FITS files (in a second thread) beside the previews (``config.quicklook``)."""
     if stacked.rgb is not None:
         stacked.calibration = background_neutral_gains(stacked.rgb)
+        write_json_atomic(out_dir / "cache" / "calibration.json", stacked.calibration.to_json())
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        master = writer.submit(_write_master, stacked, analysis, config, out_dir)
+        previews = _write_previews(stacked, config, out_dir) if config.quicklook and stacked.rgb is not None else {}
+        return {**master.result(), **previews}
+
+
+def _write_master(stacked: Stacked, analysis: SessionAnalysis, config: StackConfig, out_dir: Path) -> dict[str, Path]:
+    """Write the linear master (with the colour calibration's header cards), coverage and rejected maps."""
+    header = _master_header(analysis, config, stacked)
+    outputs: dict[str, Path] = {}
+    if stacked.calibration is not None:
         for key, value, comment in stacked.calibration.header_cards():
             header[key] = (value, comment)
-        write_json_atomic(out_dir / "cache" / "calibration.json", stacked.calibration.to_json())
     master = _image(stacked.mean) if config.debayer == "none" else stacked.rgb
     stacked_dir = out_dir / "stacked"
     outputs["master_linear"] = write_fits(master, stacked_dir / "master_linear.fits", header)

@@ -328,11 +328,20 @@ extern "C" __global__ void d3_sigma_clip(const float* stack, const unsigned char
 
     // Gather the valid samples in frame order, without a branch: every sample is written at the count so far,
     // only a valid one advances it (beyond D3_CLIP_MAX_FRAMES valid samples all go to the spare last slot).
+    // With weights, the first D3_CLIP_RANK_MAX valid samples' weights w = weight x frame_weight go beside them, so
+    // that the final weighted mean needs no second pass over the frames when they are all there (rank-sorted
+    // arrays keep `gathered` intact).
     float gathered[D3_CLIP_MAX_FRAMES + 1], scratch[D3_CLIP_MAX_FRAMES];
+    double gathered_w[D3_CLIP_RANK_MAX + 1];
     int n_valid = 0;
     for (int f = 0; f < n_frames; ++f) {
         const float x = s.stack[f * s.frame_stride];
         gathered[n_valid < D3_CLIP_MAX_FRAMES ? n_valid : D3_CLIP_MAX_FRAMES] = x;
+        if (weighted) {
+            double w = s.weights ? (double)s.weights[f * s.weight_stride] : 1.0;
+            if (s.frame_weights) w = w * s.frame_weights[f];
+            gathered_w[n_valid < D3_CLIP_RANK_MAX ? n_valid : D3_CLIP_RANK_MAX] = w;
+        }
         n_valid += d3_sample_valid(s, f, x) ? 1 : 0;
     }
     coverage[k] = n_valid;
@@ -424,9 +433,23 @@ extern "C" __global__ void d3_sigma_clip(const float* stack, const unsigned char
         rejected[k] = n_valid - n_kept;
         return;
     }
-    // Frame-order pass over the kept samples: the weighted mean (or the count and mean of the fallback path).
+    // Frame-order pass over the kept samples: the weighted mean (or the count and mean of the fallback path),
+    // from the gathered samples and weights when they hold every valid sample (the same sums in the same order).
     int kept = 0;
     double num = 0.0, den = 0.0;
+    if (weighted && n_valid <= D3_CLIP_RANK_MAX) {
+        for (int i = 0; i < n_valid; ++i) {
+            const float x = gathered[i];
+            if (x >= lo && x <= hi) {
+                ++kept;
+                den += gathered_w[i];
+                num += gathered_w[i] * x;
+            }
+        }
+        mean[k] = den > 0.0 ? (float)(num / den) : d3_nanf();
+        rejected[k] = n_valid - kept;
+        return;
+    }
     for (int f = 0; f < n_frames; ++f) {
         const float x = s.stack[f * s.frame_stride];
         if (!(d3_sample_valid(s, f, x) && x >= lo && x <= hi)) continue;
