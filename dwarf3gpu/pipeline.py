@@ -381,7 +381,8 @@ def _stack(
 
 #: Scratch memory of one frame render per output pixel, beyond the render itself (which the planner counts): the
 #: raw window (2 bytes), its float32 copy (4) and its debayered RGB (12) per source pixel, times 2 for the source
-#: window of a tile of a rotated frame (at most twice the tile's area for a square tile), plus slack.
+#: window of a tile of a rotated frame (at most twice the tile's area for a square tile), plus slack. The default
+#: lattice path needs less: the raw window (2) and its colour planes (about 6) per source pixel.
 RENDER_BYTES_PER_PIXEL = 40
 
 #: Settings that change the stacked pixels (the intermediate cache key).
