@@ -34,7 +34,7 @@ from .errors import ConfigError, SessionError
 from .fitsio import read_fits, read_layout, read_raw_uint16, write_fits
 from .register import even_pixel_shift
 from .session import Session, discover
-from .stack import crop_to_coverage, default_memory_budget, normalisation, plan_tiles, stack_tiles
+from .stack import crop_to_coverage, normalisation, plan_tiles, stack_tiles
 from .stretch import make_quicklook, write_preview_png, write_preview_tiff
 from .warp import LATTICE_MARGIN, source_window, window_margin
 
@@ -334,7 +334,7 @@ def _stack(
     cfa = config.debayer in ("bayer-first", "none")
     channels = 1 if cfa else 3
     out_h, out_w = (height // 2, width // 2) if superpixel else (height, width)
-    budget = config.memory_budget or default_memory_budget()
+    budget = config.memory_budget or backend.memory_budget()
     plan = plan_tiles(out_h, out_w, len(kept), channels, budget, workers=workers,
                       render_bytes_per_pixel=RENDER_BYTES_PER_PIXEL)
     renderer = _FrameRenderer(kept, matrices, norms, pattern, config, backend, (height, width), superpixel, cfa,
@@ -347,7 +347,7 @@ def _stack(
             sigma_lower=config.sigma_bounds[0], sigma_upper=config.sigma_bounds[1], maxiters=config.maxiters,
             cenfunc=config.cenfunc, stdfunc=config.stdfunc, executor=pool,
             progress=(lambda done, total: progress("stacking", done, total)) if progress else None,
-            clip=getattr(backend, "clip_into", None),
+            clip=getattr(backend, "clip_into", None), xp=backend.xp,
         )
     finally:
         if pool is not None:
@@ -372,7 +372,8 @@ def _stack(
         rgb[:, ~np.isfinite(mean[0])] = np.nan
     elif not cfa:
         rgb = mean
-    stacked = Stacked(mean, coverage, rejected, rgb, cfa, plan.to_json(), crop, matrices,
+    tile_plan = {**plan.to_json(), "tile_buffers": "host" if backend.xp is np else "device"}
+    stacked = Stacked(mean, coverage, rejected, rgb, cfa, tile_plan, crop, matrices,
                       {k: list(map(float, v)) for k, v in backgrounds.items()}, single=single)
     if use_cache:
         _save_stacked(cache_dir, stacked)
@@ -403,12 +404,13 @@ class _FrameRenderer:
 
     def render_into(self, index: int, row0: int, row1: int, col0: int, col1: int, data: np.ndarray,
                     valid: np.ndarray, weight: np.ndarray) -> None:
-        """Render into the given arrays ((C, rows, cols) float32, (rows, cols) bool and float32, C-contiguous):
-        the lattice resampler writes there directly, the other paths are copied."""
+        """Render into the given arrays ((C, rows, cols) float32, (rows, cols) bool and float32, C-contiguous; on
+        the host or, with a GPU backend, on the device): the lattice resampler writes there directly, the other
+        paths are copied."""
         results = self(index, row0, row1, col0, col1, out=(data, valid, weight))
         for target, result in zip((data, valid, weight), results):
             if result is not target:
-                np.copyto(target, np.reshape(result, target.shape))
+                target[...] = self.backend.xp.asarray(result).reshape(target.shape)
 
     def __call__(self, index: int, row0: int, row1: int, col0: int, col1: int,
                  out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None):
@@ -440,7 +442,7 @@ class _FrameRenderer:
         if lattice:  # each colour straight from its own CFA lattice: no separate demosaic (METHODS.md, "Warp")
             del common["method"]  # the lattice resampler has its own kernels; it takes the raw uint16 as read
             warped, valid, weight = self.backend.warp_lattice(band, self.pattern, A, out_shape, out=out, **common)
-            return _normalise(warped, offset, scale), valid, weight
+            return _normalise(warped, offset, scale, self.backend.xp if out is not None else np), valid, weight
         band = band.astype(np.float32, copy=False)
         if self.cfa:
             warped, valid, weight = self.backend.warp_bayer_planes(band, self.pattern, A, out_shape, **common)
@@ -454,13 +456,13 @@ class _FrameRenderer:
         return _normalise(warped, offset, scale), valid, weight
 
 
-def _normalise(data: np.ndarray, offset, scale) -> np.ndarray:
+def _normalise(data: np.ndarray, offset, scale, xp: Any = np) -> np.ndarray:
     """``data * scale + offset`` per channel (arrays broadcast over (C, h, w) or per-pixel maps), in place on a
-    float32 ``data`` (a fresh render: no band-sized temporary)."""
-    offset, scale = np.asarray(offset, np.float32), np.asarray(scale, np.float32)
+    float32 ``data`` (a fresh render: no band-sized temporary); ``xp``: the array module of ``data``."""
+    offset, scale = xp.asarray(offset, xp.float32), xp.asarray(scale, xp.float32)
     if offset.ndim == 1:
         offset, scale = offset[:, None, None], scale[:, None, None]
-    if data.dtype != np.float32 or not data.flags.writeable:
+    if data.dtype != np.float32 or not getattr(data.flags, "writeable", True):  # CuPy arrays have no such flag
         return data * scale + offset
     data *= scale
     data += offset

@@ -1045,7 +1045,7 @@ def _available_memory() -> int:
 
 def default_memory_budget() -> int:
     """Default budget: ``DEFAULT_BUDGET_FRACTION`` (50 %) of the available RAM, at most ``DEFAULT_BUDGET_CAP``
-    (8 GiB). The available RAM is /proc/meminfo's MemAvailable (else ``os.sysconf`` free pages, else 4 GiB),
+    (1 GiB). The available RAM is /proc/meminfo's MemAvailable (else ``os.sysconf`` free pages, else 4 GiB),
     lowered to the room left under a cgroup v2 memory limit when there is one."""
     return int(min(DEFAULT_BUDGET_FRACTION * _available_memory(), DEFAULT_BUDGET_CAP))
 
@@ -1095,6 +1095,7 @@ def stack_tiles(
     executor: Executor | None = None,
     progress: Callable[[int, int], None] | None = None,
     clip: Callable[..., None] | None = None,
+    xp: Any = np,
 ) -> ClipResult:
     """Stack frames tile by tile: render every frame's part of a tile, sigma-clip, write the outputs.
 
@@ -1133,6 +1134,9 @@ def stack_tiles(
         weights, the settings, and (C, P) mean, (1, P) coverage and (C, P) rejected views to write. A backend
         passes its kernel here (``KernelOps.clip_into``: the same decisions, means within float32 rounding). It
         must give every pixel a result that depends on that pixel's samples only, as the reference does.
+    xp : module, optional
+        Array module of the tile buffers: NumPy (default), or the backend's device module (CuPy) to keep each
+        tile's stack on the GPU, where ``render_into`` renders and ``clip`` clips it; the outputs stay NumPy.
 
     Returns
     -------
@@ -1156,9 +1160,9 @@ def stack_tiles(
     coverage = np.empty((height, width), dtype)
     rejected = np.empty((channels, height, width), dtype)
     most = plan.tile_shape[0] * plan.tile_shape[1]
-    data_buf = np.empty(n_frames * channels * most, np.float32)
-    valid_buf = np.empty(n_frames * most, bool)
-    weight_buf = np.empty(n_frames * most, np.float32)
+    data_buf = xp.empty(n_frames * channels * most, xp.float32)
+    valid_buf = xp.empty(n_frames * most, xp.bool_)
+    weight_buf = xp.empty(n_frames * most, xp.float32)
     tile_mean = np.empty((channels, most), np.float32)
     tile_coverage = np.empty((1, most), dtype)
     tile_rejected = np.empty((channels, most), dtype)
@@ -1176,7 +1180,7 @@ def stack_tiles(
             if render_into is not None:
                 render_into(k, row0, row1, col0, col1, data_tile[k].reshape(channels, rows, cols),
                             valid_tile[k].reshape(rows, cols), weight_tile[k].reshape(rows, cols))
-                valid_tile[k] &= np.isfinite(data_tile[k]).all(axis=0)
+                valid_tile[k] &= xp.isfinite(data_tile[k]).all(axis=0)
                 return
             data, valid, weight = render_tile(k, row0, row1, col0, col1)
             data = np.asarray(data)
@@ -1187,9 +1191,10 @@ def stack_tiles(
                 raise ValueError(f"render_tile({k}, {row0}, {row1}, {col0}, {col1}) returned shapes {data.shape}, "
                                  f"{np.shape(valid)}, {np.shape(weight)}; expected ({channels}, {rows}, {cols}) "
                                  f"and ({rows}, {cols}) twice")
-            data_tile[k] = data.reshape(channels, n_pix)
-            np.logical_and(np.reshape(valid, n_pix), np.isfinite(data).all(axis=0).reshape(n_pix), out=valid_tile[k])
-            weight_tile[k] = np.reshape(weight, n_pix)
+            finite = np.logical_and(np.reshape(valid, n_pix), np.isfinite(data).all(axis=0).reshape(n_pix))
+            data_tile[k] = xp.asarray(data.reshape(channels, n_pix))
+            valid_tile[k] = xp.asarray(finite)
+            weight_tile[k] = xp.asarray(np.reshape(weight, n_pix))
 
         _run(executor, fill, range(n_frames))
         (clip or _clip_into)(

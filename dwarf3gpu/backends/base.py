@@ -16,10 +16,16 @@ class Backend(Protocol):
         ``cpu`` or ``cuda``.
     fallback_reason : str
         Why ``auto`` did not pick CUDA (empty when it was not asked or it did).
+    xp : module
+        Array module where the stacking tiles live: NumPy, or CuPy (tiles kept on the GPU).
     """
 
     name: str
     fallback_reason: str
+    xp: Any
+
+    def memory_budget(self) -> int:
+        """Default memory budget of the stacking tiles, bytes (a share of free RAM, or of free GPU memory)."""
 
     def describe(self) -> dict[str, Any]:
         """Name, device, library versions and fallback reason, for the manifest."""

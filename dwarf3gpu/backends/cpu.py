@@ -30,6 +30,7 @@ class CpuBackend:
     """
 
     name = "cpu"
+    xp = np
 
     def __init__(self, fallback_reason: str = "", kernels: str = "auto"):
         self.fallback_reason = fallback_reason
@@ -44,6 +45,12 @@ class CpuBackend:
                 self.native_reason = ""
             except BackendUnavailableError as exc:
                 self.native_reason = str(exc)
+
+    def memory_budget(self) -> int:
+        """See :func:`dwarf3gpu.stack.default_memory_budget` (a share of the available RAM)."""
+        from ..stack import default_memory_budget
+
+        return default_memory_budget()
 
     def describe(self) -> dict[str, Any]:
         """Name, processor, NumPy and OpenCV versions and the fallback reason."""

@@ -5,8 +5,12 @@ Each kernel file becomes one ``cupy.RawModule(code=read_source(path), options=ke
 (:func:`dwarf3gpu.backends.kernels.check_args` with ``cupy.ndarray``) before launching, and the stage operations
 are the shared :class:`~dwarf3gpu.backends.kernel_ops.KernelOps` wrappers with ``xp = cupy``.
 
-For now every stage method returns NumPy arrays to the pipeline (``cupy.asnumpy``): each call uploads its input,
-runs the kernel and downloads the result. Keeping tiles resident on the device between stages is a later step.
+The stage methods take and return NumPy arrays (each call uploads its input, runs the kernel and downloads the
+result), except in the stacking loop: there :attr:`CudaBackend.xp` (CuPy) holds each tile's stack on the device
+(``stack.stack_tiles(xp=...)``), :meth:`CudaBackend.warp_lattice` renders straight into it from the uploaded raw
+uint16 window, the clip reads it in place, and only the tile's mean, coverage and rejected counts come back. The
+tile planner's default budget is :data:`DEVICE_BUDGET_FRACTION` of the free device memory. Work is queued on
+CuPy's default stream, so a worker thread's file reading overlaps the kernels the other workers queued.
 
 This is the only module (with :func:`dwarf3gpu.backends.cuda_unavailable_reason` and the ``doctor`` probes,
 which import it lazily) that imports CuPy. It is untested on a real GPU in this release: only the NVRTC
@@ -105,6 +109,9 @@ def compile_for_arch(path: str | Path, arch: str, directory: Path | None = None,
 
 _MODULES: dict[tuple[int, str, tuple[str, ...]], Any] = {}
 
+DEVICE_BUDGET_FRACTION = 0.5
+"""Share of the free device memory (plus CuPy's cached free blocks) the default stacking budget takes."""
+
 
 class CudaBackend:
     """Runs the per-pixel stages with the CUDA C kernels on an NVIDIA GPU (CuPy + NVRTC).
@@ -140,6 +147,15 @@ class CudaBackend:
         self.options = kernel_options(self.directory)
         self.signatures = kernels.load_signatures(self.directory)
         self.ops = KernelOps(self.launch, cupy, kernels.define_value("D3_CLIP_MAX_FRAMES", self.directory))
+        self.xp = cupy
+
+    def memory_budget(self) -> int:
+        """Default stacking budget: :data:`DEVICE_BUDGET_FRACTION` of the device's free memory (the tiles live
+        there), counting the blocks CuPy's pool holds free as free."""
+        with self._cupy.cuda.Device(self.device):
+            free, _ = self._cupy.cuda.runtime.memGetInfo()
+            pooled = self._cupy.get_default_memory_pool().free_bytes()
+        return int(DEVICE_BUDGET_FRACTION * (free + pooled))
 
     # ---------------------------------------------------------------------------------------- kernels
 
@@ -213,7 +229,11 @@ class CudaBackend:
         return tuple(self._host(a) for a in self.ops.warp_bayer_planes(mosaic, pattern, matrix, out_shape, **kwargs))
 
     def warp_lattice(self, mosaic, pattern, matrix, out_shape, out=None, **kwargs):
-        """See :func:`dwarf3gpu.warp.warp_lattice` (``d3_warp_lattice``); ``out``: host arrays to copy into."""
+        """See :func:`dwarf3gpu.warp.warp_lattice` (``d3_warp_lattice``). ``out``: device arrays (CuPy) are
+        written in place (the stacking loop's tile buffer); host arrays receive a copy."""
+        if out is not None and all(isinstance(a, self._cupy.ndarray) for a in out):
+            with self._cupy.cuda.Device(self.device):
+                return self.ops.warp_lattice(mosaic, pattern, matrix, out_shape, out=out, **kwargs)
         results = tuple(self._host(a) for a in self.ops.warp_lattice(mosaic, pattern, matrix, out_shape, **kwargs))
         if out is None:
             return results

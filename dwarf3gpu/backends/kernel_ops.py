@@ -376,14 +376,14 @@ class KernelOps:
         src_origin = (int(src_origin[0]), int(src_origin[1]))
         frame_h, frame_w = _frame_size(data.shape, src_origin, src_size)
         rows, cols = int(out_shape[0]), int(out_shape[1])
-        streaming = out is not None
-        out, valid, weight = self._out_buffers(out, (3, rows, cols), rows, cols)
+        given = out
+        out, valid, weight = self._out_buffers(given, (3, rows, cols), rows, cols)
         if rows and cols:
             layout = lattice_layout(data.shape, src_origin, pattern)
             # Uninitialised: the split writes every cell a valid pixel's taps reach (warp.LatticeLayout).
             shapes = [(layout.rows[0], layout.cols[0]), (layout.rows[1], layout.cols[1]), (layout.n_u, layout.n_v)]
             sizes = [math.prod(shape) for shape in shapes]
-            parts = self._thread_scratch(sizes) if streaming else [xp.empty(size, xp.float32) for size in sizes]
+            parts = self._thread_scratch(sizes) if given is not None else [xp.empty(size, xp.float32) for size in sizes]
             red, blue, green = (part.reshape(shape) for part, shape in zip(parts, shapes))
             if data.size:
                 grid, block = grid_2d(*data.shape)
@@ -400,7 +400,8 @@ class KernelOps:
                          np.int32(code), inverse, table_rb, table_g, _i32(rows, "rows"), _i32(cols, "columns"),
                          _i32(out_origin[0], "out row"), _i32(out_origin[1], "out column"), np.float64(feather_px),
                          out, valid, weight)
-        return out, self._finish_warp(valid, "warp_lattice"), weight
+        checked = self._finish_warp(valid, "warp_lattice")
+        return tuple(given) if given is not None else (out, checked, weight)
 
     # ------------------------------------------------------------------------------------------ stacking
 
@@ -544,7 +545,8 @@ class KernelOps:
         n, channels, pixels = stack.shape
         if (bounds is not None or mean is None or coverage is None or rejected is None
                 or ((cfg.median or cfg.mad_std) and n > self.clip_max_frames)):
-            _clip_into(stack, valid, weights, frame_weights, cfg, mean, coverage, rejected, bounds, executor)
+            host = [None if a is None else self._host(a) for a in (stack, valid, weights)]  # device tiles come back
+            _clip_into(*host, frame_weights, cfg, mean, coverage, rejected, bounds, executor)
             return
         if not channels * pixels:
             return
