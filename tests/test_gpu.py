@@ -29,6 +29,8 @@ from .test_kernels import (  # noqa: F401  (collected here again, with the GPU `
     test_warp_affine_bit_identical,
     test_warp_bayer_planes_bit_identical,
     test_warp_integer_shift_is_exact,
+    test_warp_lattice_bands_and_edges,
+    test_warp_lattice_bit_identical,
 )
 from .test_stack_session import BIG_BUDGET, SMALL
 
