@@ -12,7 +12,7 @@ frames stacks the first ``N`` lights (a frame list), so the 40-frame run uses th
 frame_list=...)`` runs in a fresh child process per ``N``. Per-stage times come from the result's
 ``stats["timings_s"]`` (measure, register, stack, finish, total). The stack stage is split further, in the child,
 by the progress callback (time of the ``backgrounds`` pass) and by a timing wrapper around
-``CpuBackend.clip_into`` (the clipping of every tile, the CPU build of ``kernels/sigma_clip.cu`` or NumPy); the
+``clip_into`` of the CPU and CUDA backends (the clipping of every tile: a kernel, or NumPy); the
 rest of a tile is rendering (read, debayer, warp, normalise, copy into the tile buffer), and what remains of the
 stage is the reference-frame render for the noise gain. Peak memory: the child's own peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``, i.e. VmHWM; about
 0.5 GB of it is the interpreter and the imported libraries, ``peak_rss_self_before`` in the JSON) and the peak of
@@ -131,16 +131,25 @@ def _child_stack(p: dict) -> dict:
     from dwarf3gpu.pipeline import stack_session
 
     clip_s = [0.0]
-    original = CpuBackend.clip_into
+    backends = [CpuBackend]
+    try:  # the GPU backend's clip too (it ends with the download of the tile's results, so the time is complete)
+        from dwarf3gpu.backends.cuda import CudaBackend
 
-    def timed_clip(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            clip_s[0] += time.perf_counter() - t0
+        backends.append(CudaBackend)
+    except ImportError:
+        pass
 
-    CpuBackend.clip_into = timed_clip
+    def timed(original):
+        def timed_clip(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                clip_s[0] += time.perf_counter() - t0
+        return timed_clip
+
+    for backend_class in backends:
+        backend_class.clip_into = timed(backend_class.clip_into)
     marks: dict[str, list[float]] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
