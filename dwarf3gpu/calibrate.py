@@ -11,6 +11,8 @@ stage (stars, scores, transforms) is not changed.
 - :func:`hot_pixel_map` flags the pixels of the master dark far above their Bayer site's level.
 - :func:`check_dark` measures, on the reference light, whether subtracting the dark helps (fewer same-colour
   outliers, noise not worse); :func:`prepare_calibration` applies the rule and records the decision.
+- Without a usable dark, :func:`hot_pixels_from_lights` finds the hot pixels in the per-pixel minimum of a few
+  lights (fixed on the sensor while the sky moves) as single-pixel spikes, and they are repaired the same way.
 
 Formulas, thresholds and why: METHODS.md, section "Calibration".
 """
@@ -35,7 +37,8 @@ from .session import CalibrationCandidate, Session
 
 __all__ = [
     "DarkCalibration", "HOT_SIGMA", "HOT_FLOOR_ADU", "HOT_REACH", "OUTLIER_SIGMA", "MAX_NOISE_INCREASE",
-    "build_master_dark", "hot_pixel_map", "calibrate_window", "check_dark", "prepare_calibration", "read_mosaic",
+    "LIGHT_HOT_FRAMES", "SPIKE_RATIO", "build_master_dark", "hot_pixel_map", "hot_pixels_from_lights",
+    "calibrate_window", "check_dark", "prepare_calibration", "read_mosaic", "uint16_median",
 ]
 
 #: A pixel of the master dark is hot when it lies more than HOT_SIGMA robust sigmas above its Bayer site's median...
@@ -48,6 +51,11 @@ HOT_REACH = 2
 OUTLIER_SIGMA = 10.0
 #: The dark is not used when it raises the reference light's robust noise by more than this factor.
 MAX_NOISE_INCREASE = 1.10
+#: Without a dark: hot pixels are looked for in the per-pixel minimum of up to this many lights (spread in time).
+LIGHT_HOT_FRAMES = 9
+#: ... as pixels whose excess over their same-colour neighbours is this many times that of each of their 8
+#: nearest neighbours (a star, even an undersampled one, lifts its nearest neighbours; a hot pixel does not).
+SPIKE_RATIO = 4.0
 #: The 8 same-colour neighbours (row, col offsets) of a Bayer pixel.
 _NEIGHBOURS = tuple((dr, dc) for dr in (-2, 0, 2) for dc in (-2, 0, 2) if (dr, dc) != (0, 0))
 _FOOTPRINT = np.zeros((5, 5), bool)
@@ -61,9 +69,10 @@ class DarkCalibration:
 
     Attributes
     ----------
-    offset : numpy.ndarray
+    offset : numpy.ndarray or None
         (H, W) float32 ``master - median of its Bayer site``: what is subtracted from every light (the per-site
-        dark level is kept, so the sky pedestal of the data stays positive and the levels keep their meaning).
+        dark level is kept, so the sky pedestal of the data stays positive and the levels keep their meaning);
+        None when the hot pixels come from the lights (nothing is subtracted).
     hot : numpy.ndarray
         (H, W) bool hot-pixel map.
     identity : str
@@ -72,10 +81,21 @@ class DarkCalibration:
         What is written to the manifest (path, kind, match, check numbers, hot-pixel count).
     """
 
-    offset: np.ndarray
+    offset: np.ndarray | None
     hot: np.ndarray
     identity: str
     record: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        self._hot_rows, self._hot_cols = np.nonzero(self.hot)  # row-major: sorted by row
+
+    def hot_in(self, row0: int, row1: int, col0: int, col1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Hot pixels of the window ``[row0, row1) x [col0, col1)`` as window (rows, cols), by a binary search
+        of the sorted rows instead of a scan of the window's map."""
+        i0, i1 = np.searchsorted(self._hot_rows, [row0, row1])
+        rows, cols = self._hot_rows[i0:i1], self._hot_cols[i0:i1]
+        inside = (cols >= col0) & (cols < col1)
+        return rows[inside] - row0, cols[inside] - col0
 
 
 def read_mosaic(path: str | os.PathLike, rows: tuple[int, int] | None = None) -> np.ndarray:
@@ -213,17 +233,18 @@ def hot_pixel_map(master: np.ndarray, k: float = HOT_SIGMA, floor: float = HOT_F
 
 
 def calibrate_window(window: np.ndarray, origin: tuple[int, int], calibration: DarkCalibration) -> np.ndarray:
-    """Calibrate a float32 raw window in place: subtract the dark offset, then repair the hot pixels.
+    """Calibrate a raw window in place: subtract the dark offset, then repair the hot pixels.
 
     A hot pixel becomes the median of its 8 same-colour neighbours (2 pixels away) that lie inside the window and
     are not hot themselves; one without any such neighbour keeps its dark-subtracted value. A window read
     ``HOT_REACH`` pixels larger than needed (clamped to the frame) therefore gives the same pixels as the
-    calibrated full frame, whatever the tiling.
+    calibrated full frame, whatever the tiling. Without a dark offset an integer window stays integer: the
+    repaired value is that median rounded to the nearest integer (half to even).
 
     Parameters
     ----------
     window : numpy.ndarray
-        (h, w) float32 raw pixels, modified in place.
+        (h, w) raw pixels, modified in place: float32, or (only without a dark offset) uint16.
     origin : tuple of int
         (row0, col0) of the window in the frame.
     calibration : DarkCalibration
@@ -236,9 +257,10 @@ def calibrate_window(window: np.ndarray, origin: tuple[int, int], calibration: D
     """
     r0, c0 = origin
     h, w = window.shape
-    window -= calibration.offset[r0:r0 + h, c0:c0 + w]
+    if calibration.offset is not None:
+        window -= calibration.offset[r0:r0 + h, c0:c0 + w]
     hot = calibration.hot[r0:r0 + h, c0:c0 + w]
-    rows, cols = np.nonzero(hot)
+    rows, cols = calibration.hot_in(r0, r0 + h, c0, c0 + w)
     if rows.size == 0:
         return window
     values = np.full((len(_NEIGHBOURS), rows.size), np.nan, np.float32)
@@ -253,8 +275,84 @@ def calibrate_window(window: np.ndarray, origin: tuple[int, int], calibration: D
     repaired = np.full(rows.size, np.nan, np.float32)
     if has.any():
         repaired[has] = np.nanmedian(values[:, has], axis=0)
+    if np.issubdtype(window.dtype, np.integer):
+        repaired = np.rint(repaired)  # half to even
     window[rows[has], cols[has]] = repaired[has]
     return window
+
+
+def uint16_median(samples: np.ndarray) -> float:
+    """Median of uint16 samples from their histogram: the middle value, or the mean of the two middle values
+    (exact in float32, as ``np.median`` of the float32 samples)."""
+    if samples.size == 0:
+        return float("nan")
+    cumulative = np.cumsum(np.bincount(samples.ravel(), minlength=1))
+    low, high = np.searchsorted(cumulative, [(samples.size - 1) // 2 + 1, samples.size // 2 + 1])
+    return float((np.float32(low) + np.float32(high)) / np.float32(2))
+
+
+def _neighbour_excess(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``image - median of its 8 same-colour neighbours`` (float32) at the given pixels (each at least 2 px from
+    the edges)."""
+    neighbours = np.stack([image[rows + dr, cols + dc] for dr, dc in _NEIGHBOURS]).astype(np.float32)
+    return image[rows, cols].astype(np.float32) - np.median(neighbours, axis=0)
+
+
+def hot_pixels_from_lights(paths: list[Path], shape: tuple[int, int]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Hot pixels found in the lights themselves (for sessions without a usable dark).
+
+    The per-pixel minimum ``M`` of the lights keeps what is fixed on the sensor and drops most stars, which move
+    with the field (rotation, drift). A pixel of ``M`` is hot when (1) its excess over the median of its 8
+    same-colour neighbours exceeds ``max(HOT_SIGMA x noise, HOT_FLOOR_ADU)``, ``noise`` the robust noise of ``M``
+    (as :func:`check_dark` measures it), and (2) that excess is at least ``SPIKE_RATIO`` times the same excess of
+    every one of its 8 nearest neighbours (other colours included): a star that did not move, even an
+    undersampled one, lifts the pixels next to its peak, a hot pixel is alone. Pixels closer than 3 px to the
+    edge are never flagged (the resampled frames do not use them).
+
+    Parameters
+    ----------
+    paths : list of pathlib.Path
+        The lights to use (e.g. up to :data:`LIGHT_HOT_FRAMES`, spread over the session).
+    shape : tuple of int
+        (H, W) of the frames.
+
+    Returns
+    -------
+    hot : numpy.ndarray
+        (H, W) bool.
+    record : dict
+        ``frames`` (names), ``noise_adu``, ``threshold_adu``, ``candidates`` (pixels passing (1)), ``hot_pixels``.
+    """
+    minimum = None
+    for path in paths:
+        frame = _checked(read_mosaic(path), path, shape)
+        minimum = frame.copy() if minimum is None else np.minimum(minimum, frame, out=minimum)
+    # noise as check_dark measures it, on every 4th row (half a million differences are plenty)
+    sample = minimum[::4].astype(np.float32)
+    diff = sample[:, 2:] - sample[:, :-2]
+    noise = 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2)
+    threshold = max(HOT_SIGMA * noise, HOT_FLOOR_ADU)
+    # candidates first, cheaply (well above their Bayer site's median level: loose, the sky may be darker there),
+    # then the exact tests on those few; the edge band of 3 px is never flagged
+    candidate = np.zeros(minimum.shape, bool)
+    for dr in (0, 1):
+        for dc in (0, 1):
+            site = minimum[dr::2, dc::2]
+            level = uint16_median(site) if site.dtype == np.uint16 else float(np.median(site))
+            candidate[dr::2, dc::2] = site > level + 0.5 * threshold
+    candidate[:3], candidate[-3:], candidate[:, :3], candidate[:, -3:] = False, False, False, False
+    rows, cols = np.nonzero(candidate)
+    excess = _neighbour_excess(minimum, rows, cols)
+    keep = excess > threshold
+    rows, cols, excess = rows[keep], cols[keep], excess[keep]
+    nearest = np.stack([_neighbour_excess(minimum, rows + dr, cols + dc)
+                        for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)])
+    spike = np.all(SPIKE_RATIO * nearest <= excess, axis=0)
+    hot = np.zeros(minimum.shape, bool)
+    hot[rows[spike], cols[spike]] = True
+    record = {"frames": [p.name for p in paths], "noise_adu": noise, "threshold_adu": threshold,
+              "candidates": int(rows.size), "hot_pixels": int(spike.sum()), "spike_ratio": SPIKE_RATIO}
+    return hot, record
 
 
 def _defect_stats(mosaic: np.ndarray, threshold: float | None = None) -> dict[str, float]:
@@ -307,9 +405,10 @@ def check_dark(light: np.ndarray, offset: np.ndarray) -> dict[str, Any]:
 
 def prepare_calibration(
     session: Session, setting: str, reference: Path, out_dir: Path, *, use_cache: bool = True,
-    refresh: bool = False,
+    refresh: bool = False, lights: list[Path] | None = None,
 ) -> tuple[DarkCalibration | None, dict[str, Any]]:
-    """Choose, build and check the dark of a session.
+    """Choose, build and check the dark of a session; without a usable dark under ``auto``, find the hot pixels
+    in ``lights`` (:func:`hot_pixels_from_lights`) instead.
 
     Parameters
     ----------
@@ -323,13 +422,17 @@ def prepare_calibration(
         ``<output_root>/<session>``: the master is cached in ``out_dir/cache/calibration/``.
     use_cache, refresh : bool
         Cache use.
+    lights : list of pathlib.Path, optional
+        The kept lights in time order: with ``auto`` and no usable dark, up to :data:`LIGHT_HOT_FRAMES` of them,
+        spread over the list, give the hot pixels.
 
     Returns
     -------
     calibration : DarkCalibration or None
-        None when no dark is used.
+        None when nothing is applied.
     record : dict
-        For the manifest: ``used``, ``setting``, the dark's description, the check, ``hot_pixels`` or ``reason``.
+        For the manifest: ``used`` (a dark), ``setting``, the dark's description, the check, ``hot_pixels``,
+        ``reason`` (why no dark), ``hot_pixels_from_lights`` (when the lights gave them).
 
     Raises
     ------
@@ -347,7 +450,7 @@ def prepare_calibration(
             found = [c for c in session.calibration if c.kind in ("raw_dark_set", "master_dark")]
             record["reason"] = ("no dark found next to the session" if not found else
                                 f"no matching dark ({found[0].path.name}: {'; '.join(found[0].mismatches)})")
-            return None, record
+            return _from_lights(lights, reference, record)
         source: CalibrationCandidate | Path = candidate
         record["dark"] = candidate.to_json()
     else:
@@ -366,13 +469,29 @@ def prepare_calibration(
     record["check"]["reference"] = reference.name
     if not check["helps"]:
         record["reason"] = f"dark not used: {check['reason']}"
-        return None, record
+        return _from_lights(lights, reference, record) if setting == "auto" else (None, record)
     hot = hot_pixel_map(master)
     record.update(used=True, hot_pixels=int(hot.sum()), master_median_adu=float(np.median(master)),
                   thresholds={"hot_sigma": HOT_SIGMA, "hot_floor_adu": HOT_FLOOR_ADU})
     identity = settings_hash({"dark": key, "hot_sigma": HOT_SIGMA, "hot_floor_adu": HOT_FLOOR_ADU})
     record["identity"] = identity
     return DarkCalibration(offset, hot, identity, record), record
+
+
+def _from_lights(lights: list[Path] | None, reference: Path,
+                 record: dict[str, Any]) -> tuple[DarkCalibration | None, dict[str, Any]]:
+    """The hot pixels of :func:`hot_pixels_from_lights` as a calibration without a dark (None without lights)."""
+    if not lights:
+        return None, record
+    count = min(LIGHT_HOT_FRAMES, len(lights))
+    chosen = [lights[i] for i in sorted({round(k * (len(lights) - 1) / max(count - 1, 1)) for k in range(count)})]
+    layout_shape = read_layout(reference).shape
+    hot, found = hot_pixels_from_lights(chosen, (int(layout_shape[-2]), int(layout_shape[-1])))
+    record.update(hot_pixels=found["hot_pixels"], hot_pixels_from_lights=found)
+    identity = settings_hash({"lights": [file_identity(p) for p in chosen], "hot_sigma": HOT_SIGMA,
+                              "hot_floor_adu": HOT_FLOOR_ADU, "spike_ratio": SPIKE_RATIO})
+    record["identity"] = identity
+    return DarkCalibration(None, hot, identity, record), record
 
 
 def record_json(record: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from .analysis import SessionAnalysis, analyze_session, default_workers, output_
 from .atomic import write_json_atomic
 from .backends import Backend, get_backend
 from .cache import file_identity, settings_hash
-from .calibrate import HOT_REACH, DarkCalibration, calibrate_window, prepare_calibration, record_json
+from .calibrate import HOT_REACH, DarkCalibration, calibrate_window, prepare_calibration, record_json, uint16_median
 from .color import background_neutral_gains
 from .config import StackConfig
 from .debayer import bayer_offsets, debayer_mhc, superpixel_transform
@@ -149,7 +149,8 @@ def stack_session(
     if not dry_run:
         t0 = time.perf_counter()
         calibration, calibration_record = prepare_calibration(
-            found, config.dark, analysis.reference.frame.path, out_dir, use_cache=use_cache, refresh=refresh_cache)
+            found, config.dark, analysis.reference.frame.path, out_dir, use_cache=use_cache, refresh=refresh_cache,
+            lights=[r.frame.path for r in kept])
         calibration_record = record_json(calibration_record)
         timings["calibrate"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -503,7 +504,7 @@ def _read_mosaic(path: Path, rows: tuple[int, int] | None = None, cols: tuple[in
 def _read_window(path: Path, calibration: DarkCalibration | None,
                  window: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Raw pixels ``window`` = (row0, row1, col0, col1) (default: the whole frame): as stored, or calibrated
-    (float32) when ``calibration`` is given.
+    when ``calibration`` is given (float32 with a dark; as stored with hot pixels only, see ``calibrate_window``).
 
     The window is read ``HOT_REACH`` pixels larger on every side (within the frame), calibrated, then cut back: a
     hot pixel near its edge is repaired from the same neighbours as in the full frame, so the pixels do not depend
@@ -511,22 +512,26 @@ def _read_window(path: Path, calibration: DarkCalibration | None,
     """
     if calibration is None:  # as stored (uint16 on the fast path)
         return _read_mosaic(path) if window is None else _read_mosaic(path, window[:2], window[2:])
-    height, width = calibration.offset.shape
+    height, width = calibration.hot.shape
     r0, r1, c0, c1 = window if window is not None else (0, height, 0, width)
     e0, e1 = max(0, r0 - HOT_REACH), min(height, r1 + HOT_REACH)
     f0, f1 = max(0, c0 - HOT_REACH), min(width, c1 + HOT_REACH)
-    band = _read_mosaic(path, (e0, e1), (f0, f1)).astype(np.float32)
+    band = _read_mosaic(path, (e0, e1), (f0, f1))
+    if calibration.offset is not None or not np.issubdtype(band.dtype, np.integer):
+        band = band.astype(np.float32)
     calibrate_window(band, (e0, f0), calibration)
     return band[r0 - e0:r1 - e0, c0 - f0:c1 - f0]
 
 
 def _calibration_summary(record: dict[str, Any]) -> dict[str, Any]:
-    """The calibration in a few numbers for report.json: dark used (path, kind), hot pixels, check, or why not."""
+    """The calibration in a few numbers for report.json: dark used (path, kind), hot pixels (from the dark or
+    the lights), check, or why no dark."""
     dark = record.get("dark") or {}
     check = record.get("check") or {}
     return {
         "dark_used": bool(record.get("used")), "dark_path": dark.get("path"), "dark_kind": dark.get("kind"),
         "hot_pixels": record.get("hot_pixels"), "reason": record.get("reason"),
+        "hot_pixels_from_lights": bool(record.get("hot_pixels_from_lights")),
         "outliers_without": (check.get("without") or {}).get("outliers"),
         "outliers_with": (check.get("with") or {}).get("outliers"),
         "noise_without_adu": (check.get("without") or {}).get("noise_adu"),
@@ -541,19 +546,9 @@ def _cfa_channel_medians(mosaic: np.ndarray, pattern: str) -> np.ndarray:
     out = []
     for name in "RGB":
         samples = np.concatenate([mosaic[dr::4, dc::4].ravel() for dr, dc in offsets[name]])
-        out.append(_uint16_median(samples) if samples.dtype == np.uint16 else
+        out.append(uint16_median(samples) if samples.dtype == np.uint16 else
                    float(np.nanmedian(samples.astype(np.float32))))
     return np.array(out)
-
-
-def _uint16_median(samples: np.ndarray) -> float:
-    """Median of uint16 samples from their histogram: the middle value, or the mean of the two middle values
-    (exact in float32, as ``np.median`` of the float32 samples)."""
-    if samples.size == 0:
-        return float("nan")
-    cumulative = np.cumsum(np.bincount(samples, minlength=1))
-    low, high = np.searchsorted(cumulative, [(samples.size - 1) // 2 + 1, samples.size // 2 + 1])
-    return float((np.float32(low) + np.float32(high)) / np.float32(2))
 
 
 def _frame_weights(kept, mode: str) -> np.ndarray:

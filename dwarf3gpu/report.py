@@ -178,6 +178,8 @@ def _dark_line(cal: dict[str, Any] | None) -> str:
     if not cal:
         return "-"
     if not cal.get("dark_used"):
-        return f"none ({cal.get('reason') or '-'})"
+        lights = (f"; {cal['hot_pixels']} hot pixels found in the lights and repaired"
+                  if cal.get("hot_pixels_from_lights") else "")
+        return f"none ({cal.get('reason') or '-'}){lights}"
     return (f"`{Path(cal['dark_path']).name}` ({cal['dark_kind']}); {cal['hot_pixels']} hot pixels repaired; "
             f"outliers on the reference {cal['outliers_without']} -> {cal['outliers_with']}")

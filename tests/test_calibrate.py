@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from dwarf3gpu import simulate
 from dwarf3gpu.calibrate import (
     HOT_REACH, DarkCalibration, build_master_dark, calibrate_window, check_dark, dark_offset, hot_pixel_map,
+    hot_pixels_from_lights,
 )
 from dwarf3gpu.cli import app
 from dwarf3gpu.config import StackConfig
@@ -179,12 +180,57 @@ def test_a_dark_that_hurts_is_not_used(session, tmp_path):
     assert np.array_equal(_master(result), results["none"][1], equal_nan=True)
 
 
-def test_session_without_darks_records_why(tmp_path):
-    """A session with no dark next to it stacks as before and records that none was found."""
+def _interior(truth: dict, height: int, width: int, margin: int = 3) -> np.ndarray:
+    """Which truth hot pixels the lights' search is meant to find: at least ``margin`` px inside the frame, and
+    alone (no other hot pixel among their 8 nearest neighbours: a touching pair looks like a 2-pixel object)."""
+    xy = np.array([(x, y) for x, y, _ in truth["sensor"]["hot_pixels"]])
+    taken = {(int(x), int(y)) for x, y in xy}
+    alone = np.array([not any((x + dx, y + dy) in taken for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy)
+                      for x, y in xy])
+    inside = (xy[:, 0] >= margin) & (xy[:, 0] < width - margin) & (xy[:, 1] >= margin) & (xy[:, 1] < height - margin)
+    return inside & alone
+
+
+def test_session_without_darks_repairs_hot_pixels_found_in_the_lights(tmp_path):
+    """No dark next to the session: the manifest says so, the hot pixels are found in the lights instead, and in
+    the master >= 97 % of the truth hot pixels (those alone and inside the 3-px edge the search skips; this session
+    has 2000 per megapixel, so 4 % touch another) are within 5 sigma of their neighbours, against >= 95 % standing
+    out by more than 5 sigma with --dark none (so the test can fail)."""
     sim = simulate.simulate_session(tmp_path, simulate.SimulationConfig(**{**SIM.__dict__, "with_darks": False}))
-    result = stack_session(sim.session_dir, tmp_path / "out", StackConfig(**STACK), workers=2)
-    assert result.manifest["calibration"]["used"] is False
-    assert result.manifest["calibration"]["reason"] == "no dark found next to the session"
+    truth = json.loads(next(sim.truth_dir.glob("*.json")).read_text())
+    auto = stack_session(sim.session_dir, tmp_path / "auto", StackConfig(**STACK), workers=2)
+    none = stack_session(sim.session_dir, tmp_path / "none", StackConfig(**{**STACK, "dark": "none"}), workers=2)
+    cal = auto.manifest["calibration"]
+    assert cal["used"] is False and cal["reason"] == "no dark found next to the session"
+    found = cal["hot_pixels_from_lights"]
+    assert found["hot_pixels"] == cal["hot_pixels"] > 150 and len(found["frames"]) == SIM.n_frames
+    assert none.manifest["calibration"].get("hot_pixels_from_lights") is None
+    inside = _interior(truth, SIM.height, SIM.width)
+    with_lights = np.abs(_hot_excess(_master(auto), truth))[inside]
+    without = _hot_excess(_master(none), truth)[inside]
+    assert np.mean(with_lights < 5) >= 0.97, np.sort(with_lights)[-5:]
+    assert np.mean(without > 5) >= 0.95
+    assert "found in the lights" in auto.outputs["report_md"].read_text()
+
+
+def test_hot_pixels_from_lights_spare_stars_that_do_not_move(tmp_path):
+    """The hardest case for a search in the lights: an EQ session without drift or dither (every star stays on the
+    same pixels, so the lights' minimum keeps it) with dense, sharp stars (FWHM 2 px, 3000 per megapixel): every
+    flagged pixel is a truth hot pixel, and >= 97 % of the lone truth hot pixels inside the edge are flagged."""
+    config = simulate.SimulationConfig(
+        n_frames=6, width=512, height=384, mode="eq", drift_px_per_hour=0.0, jitter_px=0.0, n_failed=0, n_cloudy=0,
+        n_trailed=0, n_bad_seeing=0, clutter=False, seed=6, galaxy=False, with_darks=False,
+        hot_pixels_per_megapixel=500.0, stars_per_megapixel=3000.0, fwhm_px=2.0)
+    sim = simulate.simulate_session(tmp_path, config)
+    truth = json.loads(next(sim.truth_dir.glob("*.json")).read_text())
+    hot, record = hot_pixels_from_lights(list(sim.lights), (config.height, config.width))
+    truth_xy = {(int(x), int(y)) for x, y, _ in truth["sensor"]["hot_pixels"]}
+    inside = {xy for xy, ok in zip(((int(x), int(y)) for x, y, _ in truth["sensor"]["hot_pixels"]),
+                                   _interior(truth, config.height, config.width)) if ok}
+    found = {(int(x), int(y)) for y, x in zip(*np.nonzero(hot))}
+    assert record["hot_pixels"] == len(found) and len(inside) > 80
+    assert found <= truth_xy, sorted(found - truth_xy)[:5]
+    assert len(found & inside) >= 0.97 * len(inside)
 
 
 def test_master_dark_median_and_hot_map(session, tmp_path):

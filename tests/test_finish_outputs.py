@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 from astropy.io import fits
 
+from dwarf3gpu.calibrate import uint16_median as _uint16_median
 from dwarf3gpu.fitsio import write_fits
-from dwarf3gpu.pipeline import _cfa_channel_medians, _robust_noise, _uint16_median
+from dwarf3gpu.pipeline import _cfa_channel_medians, _robust_noise
 from dwarf3gpu.stretch import mtf
 
 
