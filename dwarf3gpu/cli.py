@@ -399,7 +399,7 @@ def stack(
     use_gpu: Annotated[bool, typer.Option("--use-gpu", help="Use the NVIDIA GPU (falls back to the CPU with a reason when it cannot).")] = False,
     backend: Annotated[str, typer.Option(help="Compute backend: 'auto', 'cpu' or 'cuda'.")] = "auto",
     device: Annotated[int, typer.Option(help="CUDA device number (with --backend cuda/auto or --use-gpu).")] = 0,
-    dark: Annotated[str, typer.Option(help="Dark calibration: 'auto' (the DWARF_DARK set or CALI_FRAME master matched by exposure, gain and temperature, if any), 'none', or the path of a FITS master dark. The dark is subtracted and its hot pixels repaired, unless a check on the reference light shows it adds outliers or noise (recorded in run_manifest.json).")] = "auto",
+    dark: Annotated[str, typer.Option(help="Dark calibration: 'auto' (the DWARF_DARK set or CALI_FRAME master matched by exposure, gain and temperature, if any; without one, hot pixels are found in the lights themselves and repaired), 'none' (nothing applied), or the path of a FITS master dark. The dark is subtracted and its hot pixels repaired, unless a check on the reference light shows it adds outliers or noise (recorded in run_manifest.json).")] = "auto",
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write caches.")] = False,
     cache_refresh: Annotated[bool, typer.Option("--cache-refresh", help="Recompute everything and overwrite the caches.")] = False,
     frame_list: Annotated[Optional[Path], typer.Option(help="Stack only the frames named in this file (one per line; see frames --save).")] = None,

@@ -80,10 +80,10 @@ class StackConfig:
     device : int
         CUDA device number (not in the settings hash: it never changes a pixel).
     dark : str
-        ``"auto"`` (default: the best dark matched by camera, exposure, gain and temperature, when one exists),
-        ``"none"``, or the path of a FITS master dark (``--dark``). The dark is subtracted and its hot pixels
-        repaired before warping, unless the check on the reference light finds it makes things worse (see
-        METHODS.md, "Calibration").
+        ``"auto"`` (default: the best dark matched by camera, exposure, gain and temperature, when one exists;
+        without a usable one, hot pixels found in the lights), ``"none"`` (nothing), or the path of a FITS master
+        dark (``--dark``). The dark is subtracted and its hot pixels repaired before warping, unless the check on
+        the reference light finds it makes things worse (see METHODS.md, "Calibration").
     """
 
     keep: float = 0.92
