@@ -310,6 +310,7 @@ def _stack(
         "version": __version__,
         "stack": {k: v for k, v in config.to_json().items() if k in _STACK_KEYS},
         "backend": backend.name,
+        "cpu_kernels": backend.describe().get("cpu_kernels"),  # the clip's means differ by float32 rounding
         "frames": [[r.frame.name, file_identity(r.frame.path), matrices[r.frame.name]] for r in kept],
         "reference": analysis.reference.frame.name,
         "dark": calibration.identity if calibration is not None else None,
