@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from dwarf3gpu import simulate
 from dwarf3gpu.calibrate import (
     HOT_REACH, DarkCalibration, build_master_dark, calibrate_window, check_dark, dark_offset, hot_pixel_map,
-    hot_pixels_from_lights,
+    hot_pixels_from_lights, read_mosaic,
 )
 from dwarf3gpu.cli import app
 from dwarf3gpu.config import StackConfig
@@ -30,7 +30,7 @@ from dwarf3gpu.fitsio import read_fits, read_raw_uint16, write_raw_uint16
 from dwarf3gpu.pipeline import stack_session
 from dwarf3gpu.session import discover
 
-from .conftest import hash_tree
+from .conftest import hash_tree, realdata
 
 SIM = simulate.SimulationConfig(
     n_frames=8, width=384, height=256, mode="eq", drift_px_per_hour=0.0, jitter_px=0.0, n_failed=0, n_cloudy=0,
@@ -272,6 +272,19 @@ def test_calibrate_window_edges_and_neighbours():
     sub = light[3:10, 3:10].copy()
     calibrate_window(sub, (3, 3), cal)
     assert sub[2, 2] == win[5, 5] and HOT_REACH == 2
+    # hot pixels only (no dark, as found in the lights): nothing subtracted, a uint16 window stays uint16 and the
+    # repaired value is the neighbours' median rounded half to even (13.5 -> 14, 12.5 -> 12)
+    hot = np.zeros((9, 9), bool)
+    hot[4, 4] = True
+    lights_only = DarkCalibration(None, hot, "y", {})
+    for values, want in (([10, 11, 12, 13, 14, 15, 16, 17], 14), ([9, 10, 11, 12, 13, 14, 15, 16], 12)):
+        raw = np.full((9, 9), 7, np.uint16)
+        raw[4, 4] = 60000
+        for (dr, dc), v in zip([(dr, dc) for dr in (-2, 0, 2) for dc in (-2, 0, 2) if dr or dc], values):
+            raw[4 + dr, 4 + dc] = v
+        repaired = calibrate_window(raw.copy(), (0, 0), lights_only)
+        assert repaired.dtype == np.uint16 and repaired[4, 4] == want
+        assert np.array_equal(repaired[~hot], raw[~hot])
 
 
 def test_check_dark_rule():
@@ -294,3 +307,18 @@ def test_cli_dark_option(session, tmp_path):
                               "--dark", str(tmp_path / "no.fits")])
     assert res.exit_code != 0
     assert "no such file" in " ".join(res.output.split())
+
+
+def test_hot_pixels_from_real_seestar_lights_are_lone_and_persistent():
+    """Real lights (Seestar S50, GRBG, 6 frames, no dark; 3 hot pixels found): every flagged pixel stands above its
+    same-colour neighbours' median by the search threshold in EVERY single light, as a pixel fixed on the sensor
+    does and a star drifting through would not."""
+    frames = sorted(realdata("seestar_m94_s2").glob("*.fit"))
+    lights = [read_mosaic(p).astype(np.float32) for p in frames]
+    hot, record = hot_pixels_from_lights(frames, lights[0].shape)
+    assert record["hot_pixels"] == int(hot.sum()) >= 1
+    rows, cols = np.nonzero(hot)
+    same_colour = [(dr, dc) for dr in (-2, 0, 2) for dc in (-2, 0, 2) if dr or dc]
+    for light in lights:
+        local = np.median([light[rows + dr, cols + dc] for dr, dc in same_colour], axis=0)
+        assert np.all(light[rows, cols] - local > record["threshold_adu"])
