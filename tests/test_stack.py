@@ -474,6 +474,40 @@ def test_stack_tiles_is_independent_of_the_tile_size():
         np.testing.assert_array_equal(a, b)
 
 
+class IntoRenderer:
+    """A renderer with ``render_into``: it writes straight into the tile buffer's views (as the pipeline's lattice
+    path does); calling it as a function would fail, so stack_tiles must use ``render_into``."""
+
+    def __init__(self, data, valid, weight):
+        self.data, self.valid, self.weight, self.filled = data, valid, weight, []
+
+    def __call__(self, *args):
+        raise AssertionError("stack_tiles must call render_into")
+
+    def render_into(self, k, row0, row1, col0, col1, data, valid, weight):
+        assert data.flags.c_contiguous and valid.flags.c_contiguous and weight.flags.c_contiguous
+        data[...] = self.data[k][:, row0:row1, col0:col1]
+        valid[...] = self.valid[k][row0:row1, col0:col1]
+        weight[...] = self.weight[k][row0:row1, col0:col1]
+        self.filled.append(k)
+
+
+def test_stack_tiles_render_into_gives_the_same_result():
+    """Rendering into the tile buffer's own views (every tile size, NaN samples still invalid) gives the bytes of the
+    copying path."""
+    rng = np.random.default_rng(12)
+    n, channels, height, width = 9, 3, 37, 29
+    data, valid, weight = frame_source(rng, n, channels, height, width)
+    for shape in ((16, 16), (37, 29)):
+        plan = plan_tiles(height, width, n, channels, 1 << 30, workers=1, tile_shape=shape)
+        into = IntoRenderer(data, valid, weight)
+        got = stack_tiles(plan, into, n, (channels, height, width))
+        want = stack_tiles(plan, renderer(data, valid, weight), n, (channels, height, width))
+        assert sorted(into.filled) == sorted(list(range(n)) * len(plan.tiles))
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_stack_tiles_accepts_a_single_plane_and_checks_shapes():
     rng = np.random.default_rng(12)
     data, valid, weight = frame_source(rng, 6, 1, 20, 18)
