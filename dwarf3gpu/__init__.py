@@ -13,11 +13,13 @@ from .session import CalibrationCandidate, ExcludedFile, LightFrame, Session, di
 from .simulate import SimulatedSession, SimulationConfig, simulate_session
 from .stars import StarList, detect_stars, luminance_proxy
 from .quality import FrameMetrics, SelectionLimits, score_frames, select_frames
-from .register import Registration, apply_transform, invert_transform, register_frame
+from .geometry import apply_transform, invert_transform
+from .register import Registration, register_frame
 from .analysis import AnalysisConfig, SessionAnalysis, analyze_session
 from .debayer import debayer_bilinear, debayer_rggb, debayer_superpixel
 from .warp import warp_affine, warp_bayer_planes
-from .stack import crop_to_coverage, sigma_clip_mask_aware, sigma_clip_mask_aware_rgb
+from .clip import ClipSettings, clip_settings, sigma_clip_mask_aware, sigma_clip_mask_aware_rgb
+from .tiles import crop_to_coverage
 from .color import ColorCalibration, apply_bayer_compensation, background_neutral_gains, scnr_green
 from .stretch import asinh_stretch, make_quicklook, two_stage_stretch
 from .config import StackConfig
@@ -69,6 +71,8 @@ __all__ = [
     "debayer_superpixel",
     "warp_affine",
     "warp_bayer_planes",
+    "ClipSettings",
+    "clip_settings",
     "sigma_clip_mask_aware",
     "sigma_clip_mask_aware_rgb",
     "crop_to_coverage",

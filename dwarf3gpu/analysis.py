@@ -27,11 +27,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import __version__
-from .cache import FrameCache, file_identity
+from .cache import FrameCache, cache_path, file_identity
 from .errors import ConfigError, FitsReadError, SessionError
-from .fitsio import read_fits, read_layout, read_raw_uint16
+from .fitsio import read_raw_window
 from .quality import SCORE_METHODS, Decision, FrameMetrics, SelectionLimits, frame_metrics, score_frames, select_frames, transparency
-from .register import Registration, choose_align_mode, choose_reference, register_frame, rotation_deg
+from .geometry import rotation_deg
+from .resources import default_workers
+from .register import Registration, choose_align_mode, choose_reference, register_frame
 from .session import LightFrame, Session
 from .stars import StarList, detect_stars, luminance_proxy
 
@@ -216,9 +218,6 @@ class SessionAnalysis:
         }
 
 
-def default_workers() -> int:
-    """All the cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def output_dir_for(session: Path, output_root: str | os.PathLike = "processedData") -> Path:
@@ -279,10 +278,9 @@ def analyze_session(
         raise SessionError(f"no light frames in {session.path}; run 'dwarf3 frames' to see why")
     workers = max(1, workers or default_workers())
     timings: dict[str, float] = {}
-    cache_dir = out_dir / "cache"
 
     t0 = time.perf_counter()
-    scores_cache = FrameCache(cache_dir / "scores.json", config.detection_settings(), enabled=use_cache, refresh=refresh_cache)
+    scores_cache = FrameCache(cache_path(out_dir, "scores.json"), config.detection_settings(), enabled=use_cache, refresh=refresh_cache)
     measured = _run_cached(
         scores_cache, lights, _measure_task, [(str(f.path), f.bayer_pattern, config.detection_settings()) for f in lights],
         workers, "measuring", progress,
@@ -311,7 +309,7 @@ def analyze_session(
         "reference_identity": file_identity(lights[ref].path),
         "given_transforms": given,
     }
-    transforms_cache = FrameCache(cache_dir / "transforms.json", reg_settings, enabled=use_cache, refresh=refresh_cache)
+    transforms_cache = FrameCache(cache_path(out_dir, "transforms.json"), reg_settings, enabled=use_cache, refresh=refresh_cache)
     tasks = [
         (i == ref, m.get("stars"), ref_entry["stars"], str(f.path), str(lights[ref].path), f.bayer_pattern,
          given.get(f.name))
@@ -413,22 +411,11 @@ def _worker_init() -> None:
     cv2.setNumThreads(1)
 
 
-def _read_mosaic(path: str) -> np.ndarray:
-    """Raw frame as stored (uint16 fast path when possible, float32 otherwise)."""
-    layout = read_layout(path)
-    if layout.is_raw_uint16:
-        return read_raw_uint16(path, layout)[0]
-    data = read_fits(path).data
-    if data.ndim != 2:
-        raise FitsReadError(path, f"expected a 2-D Bayer mosaic, got shape {data.shape}")
-    return data
-
-
 def _measure_task(args: tuple) -> dict:
     """Worker: read one frame, detect its stars, compute its metrics (JSON-ready)."""
     path, bayer, settings = args
     try:
-        mosaic = _read_mosaic(path)
+        mosaic = read_raw_window(path)
     except FitsReadError as exc:
         return {"error": f"unreadable: {exc.problem}"}
     try:
@@ -468,7 +455,7 @@ def _register_task(args: tuple) -> dict:
     else:
 
         def images() -> tuple[np.ndarray, np.ndarray]:
-            return luminance_proxy(_read_mosaic(path), bayer), luminance_proxy(_read_mosaic(ref_path), bayer)
+            return luminance_proxy(read_raw_window(path), bayer), luminance_proxy(read_raw_window(ref_path), bayer)
 
         # Star fluxes weight the fit (register.pair_variances); a saturated star's flux is only a lower bound but its
         # centroid is good, so it gets the capped weight of the centroid floor (inf).

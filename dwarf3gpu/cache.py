@@ -1,6 +1,11 @@
-"""Per-frame result caches in ``processedData/<session>/cache/``.
+"""Every cache of a session's output folder, ``processedData/<session>/cache/``, and the per-frame result caches.
 
-A cache file holds one entry per frame, keyed by the frame's file name and valid only while the file's identity
+This module owns every cache path (:data:`CACHE_ENTRIES` lists them, ``dwarf3 cache`` shows them):
+``scores.json`` and ``transforms.json`` (per-frame measurements and registrations, :class:`FrameCache`),
+``dark/`` (master darks and their hot-pixel maps), ``stack/<key>/`` (stacked intermediates:
+:func:`save_stacked`, :func:`load_stacked`) and ``colour_calibration.json`` (the last master's colour gains).
+
+A per-frame cache file holds one entry per frame, keyed by the frame's file name and valid only while the file's identity
 (size and modification time in nanoseconds) and the hash of the settings that produced the entry are unchanged.
 Adding frames to a session therefore only measures the new ones, and changing a relevant setting recomputes
 everything. Cache files are written atomically; a damaged cache file is ignored (and rewritten), never fatal.
@@ -14,11 +19,42 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_json_atomic
+import numpy as np
 
-__all__ = ["FrameCache", "settings_hash", "file_identity"]
+from .atomic import write_json_atomic
+from .fitsio import read_fits, write_fits
+from .products import Stacked, squeeze_plane
+
+__all__ = ["FrameCache", "settings_hash", "file_identity", "CACHE_ENTRIES", "cache_dir", "cache_path",
+           "stack_cache_dir", "save_stacked", "load_stacked", "STACK_KEYS"]
 
 CACHE_FORMAT = 1
+
+CACHE_ENTRIES = {
+    "scores.json": "measurements and star lists",
+    "transforms.json": "registrations",
+    "dark": "master darks and hot-pixel maps",
+    "stack": "stacked intermediates",
+    "colour_calibration.json": "colour calibration of the last master",
+}
+"""Name under ``cache/`` -> what it holds: every cache a run writes."""
+
+
+def cache_dir(out_dir: Path) -> Path:
+    """The cache folder of a session's output folder."""
+    return Path(out_dir) / "cache"
+
+
+def cache_path(out_dir: Path, entry: str) -> Path:
+    """The path of one of :data:`CACHE_ENTRIES` under ``out_dir``'s cache folder."""
+    if entry not in CACHE_ENTRIES:
+        raise ValueError(f"unknown cache entry {entry!r}; known: {', '.join(CACHE_ENTRIES)}")
+    return cache_dir(out_dir) / entry
+
+
+def stack_cache_dir(out_dir: Path, key: str) -> Path:
+    """Folder of the stacked intermediates made under settings hash ``key``."""
+    return cache_path(out_dir, "stack") / key
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -93,3 +129,44 @@ class FrameCache:
             self.path,
             {"format": CACHE_FORMAT, "settings_hash": self.key, "settings": self.settings, "frames": self._entries},
         )
+
+
+#: Settings that change the stacked pixels (the intermediate cache key).
+STACK_KEYS = ("debayer", "interpolation", "demosaic", "sigma", "sigma_lower", "sigma_upper", "maxiters", "cenfunc", "stdfunc",
+               "normalisation", "weights", "feather_px", "crop")
+
+
+def save_stacked(folder: Path, stacked: Stacked) -> None:
+    """Cache the stacked arrays (FITS) and their description (meta.json, written last)."""
+    write_fits(squeeze_plane(stacked.mean), folder / "mean.fits")
+    write_fits(stacked.coverage.astype(np.float32), folder / "coverage.fits")
+    write_fits(squeeze_plane(np.asarray(stacked.rejected, np.float32)), folder / "rejected.fits")
+    if stacked.rgb is not None and stacked.is_cfa:
+        write_fits(stacked.rgb, folder / "rgb.fits")
+    if stacked.single is not None:
+        write_fits(squeeze_plane(stacked.single[0]), folder / "single.fits")
+        write_fits(stacked.single[1].astype(np.float32), folder / "single_valid.fits")
+    meta = {k: getattr(stacked, k) for k in ("is_cfa", "tile_plan", "crop", "matrices", "backgrounds")}
+    write_json_atomic(folder / "meta.json", meta)
+
+
+def load_stacked(folder: Path) -> Stacked:
+    """The :class:`~dwarf3gpu.products.Stacked` that :func:`save_stacked` wrote (``from_cache`` True)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    mean = read_fits(folder / "mean.fits").data
+    if mean.ndim == 2:
+        mean = mean[None]
+    rgb = None
+    if (folder / "rgb.fits").is_file():
+        rgb = read_fits(folder / "rgb.fits").data
+    elif not meta["is_cfa"]:
+        rgb = mean
+    coverage = read_fits(folder / "coverage.fits").data.astype(np.int32)
+    rejected = read_fits(folder / "rejected.fits").data.astype(np.int32)
+    crop = tuple(meta["crop"]) if meta["crop"] else None
+    single = None
+    if (folder / "single.fits").is_file():
+        data = read_fits(folder / "single.fits").data
+        single = (data if data.ndim == 3 else data[None], read_fits(folder / "single_valid.fits").data > 0.5)
+    return Stacked(mean, coverage, rejected, rgb, meta["is_cfa"], meta["tile_plan"], crop, meta["matrices"],
+                   meta["backgrounds"], from_cache=True, single=single)

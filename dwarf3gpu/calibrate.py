@@ -20,7 +20,6 @@ Formulas, thresholds and why: METHODS.md, section "Calibration".
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,15 +29,16 @@ from scipy.ndimage import median_filter
 
 from . import __version__
 from .atomic import write_json_atomic
-from .cache import file_identity, settings_hash
+from .cache import cache_path, file_identity, settings_hash
 from .errors import ConfigError, FitsReadError
-from .fitsio import read_fits, read_layout, read_raw_uint16, write_fits
+from .fitsio import read_fits, read_layout, read_raw_window, write_fits
+from .robust import MAD_TO_SIGMA, difference_noise, uint16_median
 from .session import CalibrationCandidate, Session
 
 __all__ = [
     "DarkCalibration", "HOT_SIGMA", "HOT_FLOOR_ADU", "HOT_REACH", "OUTLIER_SIGMA", "MAX_NOISE_INCREASE",
     "LIGHT_HOT_FRAMES", "SPIKE_RATIO", "build_master_dark", "hot_pixel_map", "hot_pixels_from_lights",
-    "calibrate_window", "check_dark", "prepare_calibration", "read_mosaic", "uint16_median",
+    "calibrate_window", "check_dark", "prepare_calibration",
 ]
 
 #: A pixel of the master dark is hot when it lies more than HOT_SIGMA robust sigmas above its Bayer site's median...
@@ -96,15 +96,6 @@ class DarkCalibration:
         rows, cols = self._hot_rows[i0:i1], self._hot_cols[i0:i1]
         inside = (cols >= col0) & (cols < col1)
         return rows[inside] - row0, cols[inside] - col0
-
-
-def read_mosaic(path: str | os.PathLike, rows: tuple[int, int] | None = None) -> np.ndarray:
-    """A raw frame (or its rows ``rows[0]:rows[1]``) as uint16 (fast path) or float32."""
-    layout = read_layout(path)
-    if layout.is_raw_uint16:
-        return read_raw_uint16(path, layout, rows)[0]
-    data = read_fits(path).data
-    return data if rows is None else data[rows[0]:rows[1]]
 
 
 def _dark_files(source: CalibrationCandidate | Path) -> tuple[str, list[Path]]:
@@ -165,12 +156,12 @@ def build_master_dark(
             pass  # a damaged cache entry is rebuilt
     try:
         if kind == "raw_dark_set":
-            frames = np.stack([_checked(read_mosaic(p), p, shape) for p in files])
+            frames = np.stack([_checked(read_raw_window(p), p, shape) for p in files])
             master = np.empty(shape, np.float32)
             for r in range(0, shape[0], 256):  # row blocks bound the float64 temporary of np.median
                 master[r:r + 256] = np.median(frames[:, r:r + 256], axis=0)
         else:
-            master = _checked(read_mosaic(files[0]), files[0], shape).astype(np.float32)
+            master = _checked(read_raw_window(files[0]), files[0], shape).astype(np.float32)
     except FitsReadError as exc:
         raise ConfigError(f"cannot read the dark: {exc}") from None
     if folder is not None:
@@ -206,7 +197,7 @@ def hot_pixel_map(master: np.ndarray, k: float = HOT_SIGMA, floor: float = HOT_F
     """Hot pixels of a master dark.
 
     Per Bayer site (R, G1, G2, B), a pixel is hot when ``master - m > max(k * s, floor)``, with ``m`` the site's
-    median and ``s = 1.4826 * MAD`` its robust spread.
+    median and ``s = MAD_TO_SIGMA * MAD`` its robust spread.
 
     Parameters
     ----------
@@ -227,7 +218,7 @@ def hot_pixel_map(master: np.ndarray, k: float = HOT_SIGMA, floor: float = HOT_F
         for dc in (0, 1):
             site = master[dr::2, dc::2].astype(np.float32)
             m = float(np.median(site))
-            s = 1.4826 * float(np.median(np.abs(site - m)))
+            s = MAD_TO_SIGMA * float(np.median(np.abs(site - m)))
             hot[dr::2, dc::2] = site - m > max(k * s, floor)
     return hot
 
@@ -281,14 +272,6 @@ def calibrate_window(window: np.ndarray, origin: tuple[int, int], calibration: D
     return window
 
 
-def uint16_median(samples: np.ndarray) -> float:
-    """Median of uint16 samples from their histogram: the middle value, or the mean of the two middle values
-    (exact in float32, as ``np.median`` of the float32 samples)."""
-    if samples.size == 0:
-        return float("nan")
-    cumulative = np.cumsum(np.bincount(samples.ravel(), minlength=1))
-    low, high = np.searchsorted(cumulative, [(samples.size - 1) // 2 + 1, samples.size // 2 + 1])
-    return float((np.float32(low) + np.float32(high)) / np.float32(2))
 
 
 def _neighbour_excess(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -325,12 +308,10 @@ def hot_pixels_from_lights(paths: list[Path], shape: tuple[int, int]) -> tuple[n
     """
     minimum = None
     for path in paths:
-        frame = _checked(read_mosaic(path), path, shape)
+        frame = _checked(read_raw_window(path), path, shape)
         minimum = frame.copy() if minimum is None else np.minimum(minimum, frame, out=minimum)
     # noise as check_dark measures it, on every 4th row (half a million differences are plenty)
-    sample = minimum[::4].astype(np.float32)
-    diff = sample[:, 2:] - sample[:, :-2]
-    noise = 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2)
+    noise = difference_noise(minimum[::4])
     threshold = max(HOT_SIGMA * noise, HOT_FLOOR_ADU)
     # candidates first, cheaply (well above their Bayer site's median level: loose, the sky may be darker there),
     # then the exact tests on those few; the edge band of 3 px is never flagged
@@ -358,16 +339,15 @@ def hot_pixels_from_lights(paths: list[Path], shape: tuple[int, int]) -> tuple[n
 def _defect_stats(mosaic: np.ndarray, threshold: float | None = None) -> dict[str, float]:
     """Robust noise and same-colour outliers of a raw frame.
 
-    ``noise`` = 1.4826 MAD of same-colour horizontal differences / sqrt(2); ``outliers`` = pixels whose distance
+    ``noise`` = :func:`~dwarf3gpu.robust.difference_noise` (same-colour horizontal differences); ``outliers`` = pixels whose distance
     to the median of their 8 same-colour neighbours exceeds ``threshold`` (default ``OUTLIER_SIGMA`` x the robust
     spread of that distance).
     """
     x = mosaic.astype(np.float32, copy=False)
-    diff = x[:, 2:] - x[:, :-2]
-    noise = 1.4826 * float(np.median(np.abs(diff - np.median(diff)))) / np.sqrt(2)
+    noise = difference_noise(x)
     resid = x - median_filter(x, footprint=_FOOTPRINT, mode="mirror")
     if threshold is None:
-        threshold = OUTLIER_SIGMA * 1.4826 * float(np.median(np.abs(resid - np.median(resid))))
+        threshold = OUTLIER_SIGMA * MAD_TO_SIGMA * float(np.median(np.abs(resid - np.median(resid))))
     return {"noise_adu": noise, "outliers": int(np.count_nonzero(np.abs(resid) > threshold)),
             "outlier_threshold_adu": float(threshold)}
 
@@ -419,7 +399,7 @@ def prepare_calibration(
     reference : pathlib.Path
         The reference light (the check runs on it).
     out_dir : pathlib.Path
-        ``<output_root>/<session>``: the master is cached in ``out_dir/cache/calibration/``.
+        ``<output_root>/<session>``: the master is cached in ``out_dir/cache/dark/``.
     use_cache, refresh : bool
         Cache use.
     lights : list of pathlib.Path, optional
@@ -461,10 +441,10 @@ def prepare_calibration(
         record["dark"] = {"kind": "master_dark_file", "path": str(path)}
     layout_shape = read_layout(reference).shape
     shape = (int(layout_shape[-2]), int(layout_shape[-1]))
-    cache_root = out_dir / "cache" / "calibration" if use_cache else None
+    cache_root = cache_path(out_dir, "dark") if use_cache else None
     master, key = build_master_dark(source, cache_root, shape=shape, refresh=refresh)
     offset = dark_offset(master)
-    check = check_dark(read_mosaic(reference), offset)
+    check = check_dark(read_raw_window(reference), offset)
     record["check"] = check
     record["check"]["reference"] = reference.name
     if not check["helps"]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -411,7 +412,6 @@ def stack(
     """Stack one or more sessions into a linear master, previews, a manifest and a report."""
     from .config import StackConfig
     from .pipeline import stack_session
-    from .stack import parse_memory
 
     if use_gpu:
         from .backends import cuda_unavailable_reason
@@ -532,20 +532,23 @@ def cache(
     clear_transforms: Annotated[bool, typer.Option("--clear-transforms", help="Remove the cached transforms.")] = False,
     clear_stack: Annotated[bool, typer.Option("--clear-stack", help="Remove the cached stacked intermediates.")] = False,
 ) -> None:
-    """Show or clear the caches of a session (scores, transforms, stacked intermediates, colour calibration)."""
+    """Show or clear the caches of a session (scores, transforms, master darks, stacked intermediates, colour
+    calibration)."""
     import shutil
 
     from .analysis import output_dir_for
+    from .cache import CACHE_ENTRIES, cache_dir, cache_path
 
-    folder = output_dir_for(session, out) / "cache"
+    out_dir = output_dir_for(session, out)
+    folder = cache_dir(out_dir)
     targets = []
     if clear:
         targets = [folder]
     else:
         if clear_transforms:
-            targets.append(folder / "transforms.json")
+            targets.append(cache_path(out_dir, "transforms.json"))
         if clear_stack:
-            targets.append(folder / "stack")
+            targets.append(cache_path(out_dir, "stack"))
     for target in targets:
         if target.is_dir():
             shutil.rmtree(target)
@@ -568,8 +571,7 @@ def cache(
                 frames = str(len(json.loads(path.read_text()).get("frames", {})))
             except (ValueError, AttributeError):
                 frames = "?"
-        what = {"scores.json": "measurements and star lists", "transforms.json": "registrations",
-                "stack": "stacked intermediates", "calibration.json": "colour calibration"}.get(path.name, "")
+        what = CACHE_ENTRIES.get(path.name, "not a cache of this version")
         if path.name == "stack":
             frames = f"{len(list(path.iterdir()))} stack(s)"
         table.add_row(path.name, what, frames, f"{size / 1e6:.1f} MB")
@@ -599,3 +601,27 @@ def doctor() -> None:
     console.print(line, markup=False)
     if not ok:
         raise typer.Exit(1)
+
+
+_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(?:i?b)?|b)?\s*$", re.IGNORECASE)
+
+
+def parse_memory(text: str) -> int:
+    """Bytes from a ``--memory-budget`` value: a number with an optional binary unit.
+
+    ``K``, ``M``, ``G``, ``T`` (also ``KB``/``KiB`` ...; case-insensitive) are powers of 1024; a bare number is
+    bytes. Examples: ``4G`` = 4294967296, ``512M``, ``1.5g``, ``800MiB``.
+
+    Raises
+    ------
+    ConfigError
+        If the text cannot be read or the amount is not positive.
+    """
+    match = _MEMORY_RE.match(str(text))
+    if not match:
+        raise ConfigError(f"--memory-budget {text!r} is not a memory size; use e.g. 4G or 512M")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    value = number * 1024 ** ("kmgt".index(unit) + 1) if unit else number
+    if not value >= 1:
+        raise ConfigError(f"--memory-budget {text!r} must be at least one byte; use e.g. 4G or 512M")
+    return int(value)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import ConfigError, Dwarf3Error
+from .robust import MAD_TO_SIGMA
 
 __all__ = [
     "ColorCalibration",
@@ -31,8 +32,6 @@ __all__ = [
     "require_rgb",
 ]
 
-#: 1.4826 x MAD estimates the standard deviation of Gaussian noise.
-MAD_TO_SIGMA = 1.4826
 #: Fewest jointly valid pixels for a background estimate.
 MIN_BACKGROUND_PIXELS = 100
 #: Fewest bright pixels for a white reference; below it the gains stay 1.

@@ -14,7 +14,7 @@ neighbourhood (see METHODS.md, "Debayer"):
   with a 2-pixel margin (the pipeline uses 3) debayers to exactly the full frame's pixels.
 - :func:`debayer_superpixel` makes one RGB pixel per 2x2 cell (R, mean of the two G, B), with
   pixel ``(i, j)`` centred at full-resolution ``(x, y) = (2j + 0.5, 2i + 0.5)``;
-  :func:`superpixel_transform` converts a full-resolution transform to that grid.
+  :func:`~dwarf3gpu.geometry.superpixel_transform` converts a full-resolution transform to that grid.
 
 Coordinates follow the project convention: x = column, y = row, origin at the centre of
 pixel (0, 0).
@@ -24,52 +24,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .stars import BAYER_PATTERNS
+from .geometry import bayer_offsets, normalise_pattern
 
 __all__ = [
-    "bayer_offsets",
     "debayer_bilinear",
     "debayer_mhc",
     "debayer_superpixel",
     "debayer_rggb",
-    "superpixel_transform",
 ]
 
 DEBAYER_METHODS = ("bilinear", "superpixel")
 """Methods understood by :func:`debayer_rggb`."""
-
-
-def _normalise_pattern(pattern: str) -> str:
-    """Return the upper-case pattern name, or raise ValueError for an unknown one."""
-    name = str(pattern).strip().upper()
-    if name not in BAYER_PATTERNS:
-        raise ValueError(f"unknown Bayer pattern {pattern!r}: expected one of {', '.join(BAYER_PATTERNS)}")
-    return name
-
-
-def bayer_offsets(pattern: str) -> dict[str, list[tuple[int, int]]]:
-    """Return the (row, col) positions of the R, G and B sites in the 2x2 Bayer cell.
-
-    Parameters
-    ----------
-    pattern : {'RGGB', 'GRBG', 'GBRG', 'BGGR'}
-        Colours of the mosaic pixels (0, 0), (0, 1), (1, 0), (1, 1) (FITS ``BAYERPAT``,
-        case-insensitive).
-
-    Returns
-    -------
-    dict
-        ``{"R": [(r, c)], "G": [(r, c), (r, c)], "B": [(r, c)]}``, the greens in raster order.
-        A pixel at absolute (row, col) has the colour whose offset is ``(row % 2, col % 2)``.
-
-    Raises
-    ------
-    ValueError
-        If the pattern is unknown.
-    """
-    name = _normalise_pattern(pattern)
-    cells = [(r, c) for r in (0, 1) for c in (0, 1)]
-    return {colour: [cell for cell, letter in zip(cells, name) if letter == colour] for colour in "RGB"}
 
 
 def _as_float32_mosaic(mosaic: np.ndarray) -> np.ndarray:
@@ -292,7 +257,7 @@ def debayer_mhc(mosaic: np.ndarray, pattern: str, origin: tuple[int, int] = (0, 
         If ``mosaic`` is not 2-D or the pattern is unknown.
     """
     data = _as_float32_mosaic(mosaic)
-    name = _normalise_pattern(pattern)
+    name = normalise_pattern(pattern)
     origin = (int(origin[0]), int(origin[1]))
     h, w = data.shape
     b = MHC_BORDER
@@ -320,7 +285,7 @@ def debayer_superpixel(mosaic: np.ndarray, pattern: str) -> np.ndarray:
     mean of the two G, B. Its centre is full-resolution ``(x, y) = (2j + 0.5, 2i + 0.5)``
     (the centre of the cell; the greens lie on a diagonal, so their mean is there too, while
     R and B are half a full-resolution pixel off in each axis). Use
-    :func:`superpixel_transform` to express transforms on this grid. An odd last row or
+    :func:`~dwarf3gpu.geometry.superpixel_transform` to express transforms on this grid. An odd last row or
     column is dropped.
 
     Parameters
@@ -355,26 +320,6 @@ def debayer_superpixel(mosaic: np.ndarray, pattern: str) -> np.ndarray:
     return out
 
 
-def superpixel_transform(A: np.ndarray) -> np.ndarray:
-    """Convert a full-resolution frame -> reference affine to superpixel coordinates.
-
-    With ``S(p) = 2 p + 0.5`` mapping a superpixel coordinate to full resolution (see
-    :func:`debayer_superpixel`), the result is ``S^-1 o A o S``: the same linear part and the
-    translation ``(A[:, :2] @ [0.5, 0.5] + A[:, 2] - 0.5) / 2``.
-
-    Parameters
-    ----------
-    A : numpy.ndarray
-        (2, 3) affine, full-resolution frame pixel -> full-resolution reference pixel.
-
-    Returns
-    -------
-    numpy.ndarray
-        (2, 3) float64 affine, superpixel of the frame -> superpixel of the reference.
-    """
-    A = np.asarray(A, dtype=np.float64)
-    shift = A[:, :2] @ np.array([0.5, 0.5]) + A[:, 2] - 0.5
-    return np.hstack([A[:, :2], (shift / 2.0)[:, None]])
 
 
 def debayer_rggb(mosaic: np.ndarray, pattern: str = "RGGB", method: str = "bilinear") -> np.ndarray:

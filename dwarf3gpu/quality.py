@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .register import apply_transform
+from .geometry import apply_transform
 from .stars import StarList
 
 __all__ = [

@@ -29,6 +29,7 @@ from scipy.optimize import nnls
 from scipy.spatial import cKDTree
 
 from .errors import ConfigError, SessionError
+from .geometry import apply_transform, compose, invert_transform, rotation_deg, scale
 
 __all__ = [
     "Registration",
@@ -38,17 +39,10 @@ __all__ = [
     "pair_variances",
     "select_model",
     "central_stars",
-    "apply_transform",
-    "invert_transform",
-    "compose",
-    "rotation_deg",
-    "scale",
-    "to_cv2_warp_matrix",
     "transform_rms_error",
     "choose_reference",
     "choose_align_mode",
     "rotation_range_deg",
-    "even_pixel_shift",
 ]
 
 STAR_COUNTS = (30, 50)
@@ -156,126 +150,16 @@ def _json_float(value: float) -> float | None:
 # --------------------------------------------------------------------------- transform helpers
 
 
-def apply_transform(A: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Map points through an affine transform.
-
-    Parameters
-    ----------
-    A : numpy.ndarray
-        (2, 3) affine, frame pixel -> reference pixel.
-    xy : numpy.ndarray
-        (N, 2) or (2,) points [x, y].
-
-    Returns
-    -------
-    numpy.ndarray
-        Transformed points, same shape as ``xy``, float64.
-    """
-    A = np.asarray(A, dtype=np.float64)
-    return np.asarray(xy, dtype=np.float64) @ A[:, :2].T + A[:, 2]
 
 
-def invert_transform(A: np.ndarray) -> np.ndarray:
-    """Return the inverse affine (reference pixel -> frame pixel).
-
-    Parameters
-    ----------
-    A : numpy.ndarray
-        (2, 3) affine.
-
-    Returns
-    -------
-    numpy.ndarray
-        (2, 3) float64 affine ``B`` with ``apply_transform(B, apply_transform(A, p)) == p``.
-    """
-    A = np.asarray(A, dtype=np.float64)
-    linear = np.linalg.inv(A[:, :2])
-    return np.hstack([linear, (-linear @ A[:, 2])[:, None]])
 
 
-def compose(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """Return the affine that applies ``B`` first, then ``A`` (like the matrix product A @ B).
-
-    Parameters
-    ----------
-    A, B : numpy.ndarray
-        (2, 3) affines; e.g. ``compose(mid_to_ref, frame_to_mid)`` is ``frame_to_ref``.
-
-    Returns
-    -------
-    numpy.ndarray
-        (2, 3) float64 affine ``p -> A(B(p))``.
-    """
-    A = np.asarray(A, dtype=np.float64)
-    B = np.asarray(B, dtype=np.float64)
-    return np.hstack([A[:, :2] @ B[:, :2], (A[:, :2] @ B[:, 2] + A[:, 2])[:, None]])
 
 
-def rotation_deg(A: np.ndarray) -> float:
-    """Return the rotation angle of an affine in degrees, in (-180, 180].
-
-    The angle is that of the closest similarity transform, measured from the +x axis towards
-    the +y axis (on an image displayed with row 0 at the top this is clockwise).
-
-    Parameters
-    ----------
-    A : numpy.ndarray
-        (2, 3) affine.
-
-    Returns
-    -------
-    float
-        Rotation in degrees.
-    """
-    A = np.asarray(A, dtype=np.float64)
-    return math.degrees(math.atan2(A[1, 0] - A[0, 1], A[0, 0] + A[1, 1]))
 
 
-def scale(A: np.ndarray) -> float:
-    """Return the mean linear scale of an affine, ``sqrt(|det A[:, :2]|)``.
-
-    Parameters
-    ----------
-    A : numpy.ndarray
-        (2, 3) affine.
-
-    Returns
-    -------
-    float
-        1.0 for a rigid motion.
-    """
-    A = np.asarray(A, dtype=np.float64)
-    return math.sqrt(abs(float(np.linalg.det(A[:, :2]))))
 
 
-def to_cv2_warp_matrix(A: np.ndarray) -> np.ndarray:
-    """Return the matrix that resamples a frame into the reference grid with cv2.warpAffine.
-
-    cv2.warpAffine fills each destination pixel from ``src`` at ``M @ [x, y, 1]`` when
-    ``cv2.WARP_INVERSE_MAP`` is set, i.e. ``M`` must map *destination* (reference) pixels to
-    *source* (frame) pixels, which is the inverse of ``A``. Without the flag cv2 inverts ``M``
-    itself and would expect ``A``. This function returns the explicit inverse, so the mapping
-    used for sampling is the one written down here::
-
-        M = to_cv2_warp_matrix(A)
-        aligned = cv2.warpAffine(frame, M, (ref_width, ref_height),
-                                 flags=cv2.INTER_LANCZOS4 | cv2.WARP_INVERSE_MAP)
-
-    cv2 puts integer coordinates at pixel centres, the project convention, so no half-pixel
-    offset is needed: a star at frame pixel ``p`` lands at ``apply_transform(A, p)``.
-
-    Parameters
-    ----------
-    A : numpy.ndarray
-        (2, 3) affine, frame pixel -> reference pixel.
-
-    Returns
-    -------
-    numpy.ndarray
-        (2, 3) float64 matrix, reference pixel -> frame pixel, for use with
-        ``cv2.WARP_INVERSE_MAP``.
-    """
-    return invert_transform(A)
 
 
 def transform_rms_error(
@@ -1014,32 +898,3 @@ def choose_align_mode(
     return ("integer" if spread < threshold_deg else "rgb_affine"), spread
 
 
-def even_pixel_shift(A: np.ndarray, centre_xy: tuple[float, float] | None = None) -> tuple[int, int]:
-    """Round a transform's displacement to even integers (keeps the Bayer phase).
-
-    The shift applies to the frame: frame pixel (x, y) goes to reference pixel
-    (x + dx, y + dy), i.e. ``aligned[y + dy, x + dx] = frame[y, x]``. Even values keep every
-    CFA site on a site of the same colour.
-
-    Parameters
-    ----------
-    A : numpy.ndarray
-        (2, 3) affine, frame pixel -> reference pixel.
-    centre_xy : tuple of float, optional
-        Frame point whose displacement ``A(p) - p`` is rounded; pass the frame centre
-        ``((width - 1) / 2, (height - 1) / 2)`` so that a small residual rotation does not
-        bias the shift. None uses the translation part ``A[:, 2]`` (displacement of pixel 0, 0).
-
-    Returns
-    -------
-    (int, int)
-        ``(dx, dy)``, both even.
-    """
-    A = np.asarray(A, dtype=np.float64)
-    if centre_xy is None:
-        displacement = A[:, 2]
-    else:
-        point = np.asarray(centre_xy, dtype=np.float64)
-        displacement = apply_transform(A, point) - point
-    dx, dy = (2 * np.round(displacement / 2.0)).astype(int)
-    return int(dx), int(dy)

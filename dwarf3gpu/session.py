@@ -26,6 +26,7 @@ from astropy.io import fits
 
 from .errors import FitsReadError, SessionError
 from .fitsio import read_layout
+from .geometry import BAYER_PATTERNS
 
 __all__ = [
     "LightFrame",
@@ -37,10 +38,8 @@ __all__ = [
     "list_lights",
     "parse_session_folder_name",
     "parse_light_name",
-    "BAYER_PATTERNS",
 ]
 
-BAYER_PATTERNS = ("RGGB", "GRBG", "GBRG", "BGGR")
 FITS_SUFFIXES = (".fits", ".fit", ".fts")
 BY_PRODUCT_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".txt", ".xml", ".mp4")
 SHOTS_INFO = "shotsInfo.json"

@@ -20,16 +20,13 @@ from dataclasses import dataclass, fields
 import cv2
 import numpy as np
 
-__all__ = ["StarList", "BAYER_PATTERNS", "luminance_proxy", "detect_stars"]
+from .geometry import BAYER_PATTERNS
+from .robust import MAD_TO_SIGMA
 
-BAYER_PATTERNS = ("RGGB", "GRBG", "GBRG", "BGGR")
-"""Bayer patterns understood here: the colours of mosaic pixels (0, 0), (0, 1), (1, 0), (1, 1)."""
+__all__ = ["StarList", "luminance_proxy", "detect_stars"]
 
 GAUSS_SIGMA_TO_FWHM = 2.0 * np.sqrt(2.0 * np.log(2.0))
 """FWHM of a Gaussian in units of its standard deviation (2.3548)."""
-
-MAD_TO_SIGMA = 1.4826
-"""Standard deviation of a normal distribution in units of its median absolute deviation."""
 
 DETECT_KERNEL_SIGMA = 1.0
 """Standard deviation (proxy pixels) of the Gaussian matched filter used for detection (7x7 kernel)."""

@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 
 from .atomic import atomic_path
+from .robust import MAD_TO_SIGMA
 from .color import (
-    MAD_TO_SIGMA,
     ColorCalibration,
     apply_color_calibration,
     apply_color_matrix,

@@ -1,16 +1,15 @@
-"""Resampling of frames onto the reference grid: affine warps, even-pixel shifts, Bayer-plane warps.
+"""Resampling of frames onto the reference grid: affine warps, Bayer-plane warps, the lattice resampler.
 
-CPU reference implementations of per-pixel stages that the CUDA backend ports one thread per
-output element (see METHODS.md, "Warp"). Every output pixel is a fixed function of its
+NumPy reference of the resampling stage operations, which the kernels of ``kernels/warp.cu`` implement one
+thread per output element (see METHODS.md, "Warp"). Every output pixel is a fixed function of its
 ABSOLUTE position in the reference grid: its source coordinate is computed in float64 from
 the inverse of the frame -> reference affine ``A`` (the project convention,
-:mod:`dwarf3gpu.register`), so results do not depend on how the output is cut into tiles or
+:mod:`dwarf3gpu.geometry`), so results do not depend on how the output is cut into tiles or
 the source into bands. Sample values are float32.
 
 - :func:`warp_affine`: bilinear or bicubic (Keys, a = -0.5) resampling of a frame, a band of
   one, or its channels, into an output tile, with a validity mask and a feather weight.
 - :func:`source_window`: the source band an output tile needs.
-- :func:`shift_integer`: the exact even-pixel shift of the Bayer-safe mode.
 - :func:`warp_bayer_planes`: a mosaic warped as its four half-resolution Bayer planes and
   re-interleaved, keeping the pattern's phase at the output's absolute position.
 - :func:`warp_lattice`: a mosaic resampled straight to RGB, every colour interpolated from its
@@ -25,18 +24,19 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .debayer import bayer_offsets
-from .register import invert_transform
+from .geometry import bayer_offsets, invert_transform, plane_transform
 
 __all__ = [
     "warp_affine",
     "source_window",
     "window_margin",
-    "shift_integer",
-    "plane_transform",
     "warp_bayer_planes",
     "warp_lattice",
     "lanczos_table",
+    "lattice_layout",
+    "lattice_planes",
+    "check_method",
+    "frame_size",
     "WARP_METHODS",
     "LATTICE_LOBES",
     "LATTICE_MARGIN",
@@ -77,7 +77,7 @@ def _source_coordinates(B: np.ndarray, out_shape: tuple[int, int], out_origin: t
                y_of_col[None, :] + (B[1, 1] * rows_abs + B[1, 2])[:, None])
 
 
-def _check_method(method: str) -> tuple[int, ...]:
+def check_method(method: str) -> tuple[int, ...]:
     """Return the tap offsets of ``method`` or raise ValueError."""
     if method not in _TAPS:
         raise ValueError(f"unknown warp method {method!r}: expected one of {', '.join(WARP_METHODS)}")
@@ -137,7 +137,7 @@ def _interpolate(
     return out
 
 
-def _frame_size(data_shape: tuple[int, int], src_origin: tuple[int, int], src_size) -> tuple[int, int]:
+def frame_size(data_shape: tuple[int, int], src_origin: tuple[int, int], src_size) -> tuple[int, int]:
     """Full source frame size; check that the band lies inside it."""
     if src_size is None:
         if src_origin != (0, 0):
@@ -227,7 +227,7 @@ def warp_affine(
         the band does not fit in the frame, or the band lacks taps that a valid output pixel
         needs (cut bands with :func:`source_window`).
     """
-    taps = _check_method(method)
+    taps = check_method(method)
     if not feather_px >= 0.0:
         raise ValueError(f"feather_px must be >= 0, got {feather_px}")
     data = np.asarray(image).astype(np.float32, copy=False)
@@ -236,7 +236,7 @@ def warp_affine(
     planes = data if data.ndim == 3 else data[None]
     src_origin = (int(src_origin[0]), int(src_origin[1]))
     n_ch, band_h, band_w = planes.shape
-    height, width = _frame_size((band_h, band_w), src_origin, src_size)
+    height, width = frame_size((band_h, band_w), src_origin, src_size)
     rows_out, cols_out = int(out_shape[0]), int(out_shape[1])
     B = invert_transform(A)
     flat = np.ascontiguousarray(planes).reshape(n_ch, -1)
@@ -291,7 +291,7 @@ def window_margin(method: str, bayer_planes: bool = False) -> int:
     ValueError
         If the method is unknown.
     """
-    taps = _check_method(method)
+    taps = check_method(method)
     reach = max(-taps[0], taps[-1] - 1)
     return 2 * reach + 3 if bayer_planes else reach
 
@@ -348,77 +348,8 @@ def source_window(
     return row0, row1, col0, col1
 
 
-def shift_integer(
-    image: np.ndarray, dx: int, dy: int, out_shape: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Shift a frame by whole pixels: ``shifted[y + dy, x + dx] = image[y, x]``.
-
-    The convention of :func:`dwarf3gpu.register.even_pixel_shift`; with even ``dx``, ``dy``
-    every CFA site of a mosaic lands on a site of the same colour (the Bayer-safe mode). No
-    value is changed.
-
-    Parameters
-    ----------
-    image : numpy.ndarray
-        (H, W) or (C, H, W) frame, any dtype.
-    dx, dy : int
-        Shift in columns and rows.
-    out_shape : tuple of int
-        (rows, cols) of the output (the reference grid from pixel (0, 0)).
-
-    Returns
-    -------
-    shifted : numpy.ndarray
-        Same dtype as ``image``, (rows, cols) or (C, rows, cols); 0 where no frame pixel lands.
-    valid : numpy.ndarray
-        bool (rows, cols), True where a frame pixel landed.
-
-    Raises
-    ------
-    ValueError
-        If the image is not 2-D or 3-D.
-    TypeError
-        If ``dx`` or ``dy`` is not an integer.
-    """
-    data = np.asarray(image)
-    if data.ndim not in (2, 3):
-        raise ValueError(f"expected an (H, W) or (C, H, W) image, got shape {data.shape}")
-    dx, dy = int(np.asarray(dx).__index__()), int(np.asarray(dy).__index__())
-    rows_out, cols_out = int(out_shape[0]), int(out_shape[1])
-    height, width = data.shape[-2:]
-    shifted = np.zeros(data.shape[:-2] + (rows_out, cols_out), data.dtype)
-    valid = np.zeros((rows_out, cols_out), bool)
-    y0, y1 = max(0, -dy), min(height, rows_out - dy)
-    x0, x1 = max(0, -dx), min(width, cols_out - dx)
-    if y1 > y0 and x1 > x0:
-        shifted[..., y0 + dy : y1 + dy, x0 + dx : x1 + dx] = data[..., y0:y1, x0:x1]
-        valid[y0 + dy : y1 + dy, x0 + dx : x1 + dx] = True
-    return shifted, valid
 
 
-def plane_transform(A: np.ndarray, site: tuple[int, int]) -> np.ndarray:
-    """Express a full-resolution affine between the Bayer planes of one site.
-
-    The plane of site ``(r, c)`` holds the mosaic pixels ``[r::2, c::2]``: plane pixel
-    ``p = (j, i)`` is the full-resolution point ``S(p) = 2 p + (c, r)``. The plane's affine is
-    ``S^-1 o A o S``: the same linear part and the translation
-    ``(A[:, :2] @ (c, r) + A[:, 2] - (c, r)) / 2``.
-
-    Parameters
-    ----------
-    A : numpy.ndarray
-        (2, 3) affine, full-resolution frame pixel -> reference pixel.
-    site : tuple of int
-        (row, col) of the site in the 2x2 cell, each 0 or 1.
-
-    Returns
-    -------
-    numpy.ndarray
-        (2, 3) float64 affine, frame plane pixel -> reference plane pixel of the same site.
-    """
-    A = np.asarray(A, dtype=np.float64)
-    offset = np.array([site[1], site[0]], dtype=np.float64)
-    return np.hstack([A[:, :2], ((A[:, :2] @ offset + A[:, 2] - offset) / 2.0)[:, None]])
 
 
 def warp_bayer_planes(
@@ -484,7 +415,7 @@ def warp_bayer_planes(
     offsets = bayer_offsets(pattern)
     src_origin = (int(src_origin[0]), int(src_origin[1]))
     out_origin = (int(out_origin[0]), int(out_origin[1]))
-    height, width = _frame_size(data.shape, src_origin, src_size)
+    height, width = frame_size(data.shape, src_origin, src_size)
     rows_out, cols_out = int(out_shape[0]), int(out_shape[1])
     warped = np.zeros((rows_out, cols_out), np.float32)
     valid = np.zeros((rows_out, cols_out), bool)
@@ -725,7 +656,7 @@ def warp_lattice(
     src_origin = (int(src_origin[0]), int(src_origin[1]))
     L = lattice_layout(data.shape, src_origin, pattern)
     band_h, band_w = data.shape
-    height, width = _frame_size(data.shape, src_origin, src_size)
+    height, width = frame_size(data.shape, src_origin, src_size)
     rows_out, cols_out = int(out_shape[0]), int(out_shape[1])
     B = invert_transform(A)
     planes_flat = [plane.ravel() for plane in lattice_planes(data, src_origin, pattern)]

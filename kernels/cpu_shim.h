@@ -2,7 +2,7 @@
 // same .cu files compile with  g++ -x c++ -std=c++17 -O3 -fopenmp -ffp-contract=off -fPIC -shared.
 //
 // A "thread" is one call of the kernel function with threadIdx/blockIdx set; the launchers that
-// dwarf3gpu/backends/native.py generates run the blocks of a grid in an OpenMP parallel loop and the
+// dwarf3gpu/backends/cpu_build.py generates run the blocks of a grid in an OpenMP parallel loop and the
 // threads of a block one after another. The kernels never communicate between threads (no __shared__,
 // __syncthreads, atomics or warp intrinsics), so this order gives the GPU's results.
 #pragma once

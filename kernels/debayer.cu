@@ -1,7 +1,6 @@
-// Debayering of a raw mosaic: bilinear by normalised convolution, 2x2 superpixel, and the half-resolution
-// luminance proxy. References: dwarf3gpu/debayer.py (debayer_bilinear, debayer_superpixel) and
-// dwarf3gpu/stars.py (luminance_proxy); each formula below repeats the reference's float32 operations in
-// the same order, so the results are bit-identical.
+// Debayering of a raw mosaic: bilinear by normalised convolution, Malvar-He-Cutler, 2x2 superpixel.
+// Reference: dwarf3gpu/debayer.py (debayer_bilinear, debayer_mhc, debayer_superpixel); each formula below
+// repeats the reference's float32 operations in the same order, so the results are bit-identical.
 #include "common.cuh"
 
 // 1 where local index k of an axis of length n lies in the band and its absolute index origin + k has
@@ -88,22 +87,42 @@ extern "C" __global__ void d3_debayer_superpixel(const float* mosaic, int h, int
     out[2 * plane + k] = blue;
 }
 
-// Luminance proxy (h / 2, w / 2): per 2x2 cell the mean of its two greens, (G1 + G2) * 0.5; for
-// pattern D3_MONO the mean of its four pixels, (((p00 + p01) + p10) + p11) * 0.25.
-extern "C" __global__ void d3_luminance_proxy(const float* mosaic, int h, int w, int pattern, float* out) {
+// Malvar-He-Cutler debayer of an h x w band whose pixel (0, 0) is at absolute (row0, col0): pixels at least 2
+// from every band edge take the 5x5 MHC filters (all / 8; C the pixel, H1/V1 the horizontal/vertical
+// neighbours at distance 1 summed, H2/V2 at distance 2, D the four diagonals), the others the bilinear
+// debayer of the whole band. 2-D grid, one thread per pixel; out is (3, h, w): R, G, B.
+extern "C" __global__ void d3_debayer_mhc(const float* mosaic, int h, int w, int row0, int col0, int pattern,
+                                          float* out) {
     const long long j = d3_global_x(), i = d3_global_y();
-    const int oh = h / 2, ow = w / 2;
-    if (i >= oh || j >= ow) return;
-    const float* cell = mosaic + 2 * i * w + 2 * j;
-    float value;
-    if (pattern == D3_MONO) {
-        value = cell[0] + cell[1];
-        value = value + cell[w];
-        value = value + cell[w + 1];
-        value = value * 0.25f;
-    } else {
-        const int red_r = pattern >> 1, red_c = pattern & 1;
-        value = (cell[red_r * w + (1 - red_c)] + cell[(1 - red_r) * w + red_c]) * 0.5f;
+    if (i >= h || j >= w) return;
+    const long long plane = (long long)h * w, k = i * w + j;
+    const int red_r = pattern >> 1, red_c = pattern & 1;
+    if (i < 2 || i >= h - 2 || j < 2 || j >= w - 2) {
+        out[k] = d3_bilinear_rb(mosaic, h, w, row0, col0, red_r, red_c, i, j);
+        out[plane + k] = d3_bilinear_g(mosaic, h, w, row0, col0, (red_r + red_c + 1) & 1, i, j);
+        out[2 * plane + k] = d3_bilinear_rb(mosaic, h, w, row0, col0, 1 - red_r, 1 - red_c, i, j);
+        return;
     }
-    out[i * ow + j] = value;
+    const float* p = mosaic + k;
+    const float centre = p[0];
+    const float h1 = p[-1] + p[1];
+    const float v1 = p[-w] + p[w];
+    const float h2 = p[-2] + p[2];
+    const float v2 = p[-2 * w] + p[2 * w];
+    const float diag = (p[-w - 1] + p[-w + 1]) + (p[w - 1] + p[w + 1]);
+    const int site = d3_bayer_colour(pattern, row0 + i, col0 + j);
+    out[site * plane + k] = centre;
+    if (site == D3_GREEN) {
+        const int horiz = d3_bayer_colour(pattern, row0 + i, col0 + j + 1);  // colour left and right
+        const float along = ((5.0f * centre + 4.0f * h1) - (h2 + diag) + 0.5f * v2) * 0.125f;
+        const float across = ((5.0f * centre + 4.0f * v1) - (v2 + diag) + 0.5f * h2) * 0.125f;
+        out[horiz * plane + k] = along;
+        out[(horiz == D3_RED ? D3_BLUE : D3_RED) * plane + k] = across;
+    } else {
+        const float axial2 = h2 + v2;
+        const float green = ((4.0f * centre + 2.0f * (h1 + v1)) - axial2) * 0.125f;
+        const float opposite = ((6.0f * centre + 2.0f * diag) - 1.5f * axial2) * 0.125f;
+        out[D3_GREEN * plane + k] = green;
+        out[(site == D3_RED ? D3_BLUE : D3_RED) * plane + k] = opposite;
+    }
 }

@@ -1,9 +1,11 @@
 """Compute backends: where the heavy per-pixel work runs.
 
-``get_backend("auto" | "cpu" | "cuda", device=0)`` returns an object with the stage operations (debayer, warp,
-sigma clipping). The pipeline receives it explicitly and calls only its operations, so a GPU backend plugs in
-without touching the pipeline. ``auto`` picks CUDA when it can run and otherwise the CPU, saying why; an explicit
-``cuda`` that cannot run raises :class:`~dwarf3gpu.errors.BackendUnavailableError` (exit code 3).
+``get_backend("auto" | "cpu" | "cuda", device=0)`` returns the :class:`~dwarf3gpu.backends.base.StageOps` the
+pipeline calls: :class:`~dwarf3gpu.backends.stage_ops.KernelStageOps` on a launch target (the CPU build of the
+kernels, or CUDA), or :class:`~dwarf3gpu.backends.reference.ReferenceStageOps` (NumPy) on a machine without a C++
+compiler. The pipeline receives it explicitly and calls only its operations. ``auto`` picks CUDA when it can run and
+otherwise the CPU, saying why; an explicit ``cuda`` that cannot run raises
+:class:`~dwarf3gpu.errors.BackendUnavailableError` (exit code 3).
 
 CuPy is imported only inside :mod:`dwarf3gpu.backends.cuda` (lazily), never elsewhere.
 """
@@ -11,28 +13,42 @@ CuPy is imported only inside :mod:`dwarf3gpu.backends.cuda` (lazily), never else
 from __future__ import annotations
 
 from ..errors import BackendUnavailableError, ConfigError
-from .base import Backend
-from .cpu import CpuBackend
+from .base import LaunchTarget, StageOps
+from .reference import ReferenceStageOps
+from .stage_ops import KernelStageOps
 
-__all__ = ["Backend", "CpuBackend", "get_backend", "cuda_unavailable_reason", "BACKEND_NAMES"]
+__all__ = ["StageOps", "LaunchTarget", "KernelStageOps", "ReferenceStageOps", "get_backend", "cpu_backend",
+           "cuda_unavailable_reason", "BACKEND_NAMES"]
 
 BACKEND_NAMES = ("auto", "cpu", "cuda")
 
 
-def get_backend(name: str = "auto", device: int = 0) -> Backend:
-    """Return the compute backend called ``name``.
+def cpu_backend(fallback_reason: str = "") -> StageOps:
+    """The CPU backend: the CPU build of the kernels, or the NumPy reference when it cannot be built (the reason
+    is then in ``fallback_reason``, after the one given)."""
+    from .cpu_build import load
+
+    try:
+        return KernelStageOps(load(), fallback_reason=fallback_reason)
+    except BackendUnavailableError as exc:
+        reason = f"{fallback_reason}; " if fallback_reason else ""
+        return ReferenceStageOps(fallback_reason=f"{reason}the CPU build of the kernels is unavailable: {exc}")
+
+
+def get_backend(name: str = "auto", device: int = 0) -> StageOps:
+    """Return the stage operations of the backend called ``name``.
 
     Parameters
     ----------
     name : {"auto", "cpu", "cuda"}
-        ``auto`` uses CUDA when available, else the CPU (the reason is in ``backend.fallback_reason``).
+        ``auto`` uses CUDA when available, else the CPU (the reason is in ``fallback_reason``).
     device : int, optional
         CUDA device ordinal (ignored by the CPU backend).
 
     Returns
     -------
-    Backend
-        The backend object.
+    StageOps
+        The stage operations.
 
     Raises
     ------
@@ -42,24 +58,24 @@ def get_backend(name: str = "auto", device: int = 0) -> Backend:
         Unknown name or a negative device.
     """
     if name not in BACKEND_NAMES:
-        raise ConfigError(f"--backend must be one of {', '.join(BACKEND_NAMES)}; got {name!r}")
+        raise ConfigError(f"the backend must be one of {', '.join(BACKEND_NAMES)}; got {name!r}")
     if int(device) < 0:
-        raise ConfigError(f"--device must be >= 0; got {device}")
+        raise ConfigError(f"the CUDA device must be >= 0; got {device}")
     if name == "cpu":
-        return CpuBackend()
+        return cpu_backend()
     reason = cuda_unavailable_reason()
     if not reason:
-        from .cuda import CudaBackend
+        from .cuda import CudaTarget
 
         if name == "cuda":
-            return CudaBackend(device=device)
+            return KernelStageOps(CudaTarget(device=device))
         try:
-            return CudaBackend(device=device)
+            return KernelStageOps(CudaTarget(device=device))
         except BackendUnavailableError as exc:
-            return CpuBackend(fallback_reason=str(exc))
+            return cpu_backend(fallback_reason=str(exc))
     if name == "cuda":
-        raise BackendUnavailableError(f"the CUDA backend cannot run: {reason}. Use --backend cpu (or auto).")
-    return CpuBackend(fallback_reason=reason)
+        raise BackendUnavailableError(f"the CUDA backend cannot run: {reason}. Use the CPU backend (or auto).")
+    return cpu_backend(fallback_reason=reason)
 
 
 def cuda_unavailable_reason() -> str:

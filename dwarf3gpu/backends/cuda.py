@@ -1,20 +1,16 @@
-"""CUDA backend: the ``kernels/*.cu`` sources compiled with NVRTC through CuPy and launched on an NVIDIA GPU.
+"""CUDA launch target: the ``kernels/*.cu`` sources compiled with NVRTC through CuPy and launched on an NVIDIA GPU.
 
 Each kernel file becomes one ``cupy.RawModule(code=read_source(path), options=kernel_options(...))``, memoized per
-(device, file, options); :meth:`CudaBackend.launch` checks every argument against the kernel's C signature
-(:func:`dwarf3gpu.backends.kernels.check_args` with ``cupy.ndarray``) before launching, and the stage operations
-are the shared :class:`~dwarf3gpu.backends.kernel_ops.KernelOps` wrappers with ``xp = cupy``.
-
-The stage methods take and return NumPy arrays (each call uploads its input, runs the kernel and downloads the
-result), except in the stacking loop: there :attr:`CudaBackend.xp` (CuPy) holds each tile's stack on the device
-(``stack.stack_tiles(xp=...)``), :meth:`CudaBackend.warp_lattice` renders straight into it from the uploaded raw
-uint16 window, the clip reads it in place, and only the tile's mean, coverage and rejected counts come back. The
-tile planner's default budget is :data:`DEVICE_BUDGET_FRACTION` of the free device memory. Work is queued on
-CuPy's default stream, so a worker thread's file reading overlaps the kernels the other workers queued.
+(device, file, options); :meth:`CudaTarget.launch` checks every argument against the kernel's C signature
+(:func:`dwarf3gpu.backends.kernel_source.check_args` with ``cupy.ndarray``) before launching. The stage operations
+are :class:`~dwarf3gpu.backends.stage_ops.KernelStageOps` on this target (``xp = cupy``): a raw window is
+uploaded once per frame and tile, calibrated, rendered and normalised into the tile buffer on the device, the
+tile is clipped there, and only each tile's results come back. The default stacking budget is
+:data:`DEVICE_BUDGET_FRACTION` of the free device memory. Work is queued on CuPy's default stream, so a worker
+thread's file reading overlaps the kernels the other workers queued.
 
 This is the only module (with :func:`dwarf3gpu.backends.cuda_unavailable_reason` and the ``doctor`` probes,
-which import it lazily) that imports CuPy. It is untested on a real GPU in this release: only the NVRTC
-compilation of every kernel for sm_80 and sm_90 is checked without a device (``tests/test_nvrtc.py``).
+which import it lazily) that imports CuPy.
 """
 
 from __future__ import annotations
@@ -26,18 +22,18 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailableError
-from . import kernels
-from .kernel_ops import KernelOps
+from ..clip import ClipSettings
+from . import kernel_source
 
-__all__ = ["CudaBackend", "kernel_options", "compile_for_arch", "nvrtc_version", "unavailable_reason"]
+__all__ = ["CudaTarget", "kernel_options", "compile_for_arch", "nvrtc_version", "unavailable_reason"]
 
 NVRTC_EXTRA = ("--device-as-default-execution-space",)
 """Option CuPy's RawModule adds to every NVRTC compilation; :func:`compile_for_arch` adds it too."""
 
 
 def kernel_options(directory: Path | None = None) -> tuple[str, ...]:
-    """NVRTC options of the GPU build: :data:`~dwarf3gpu.backends.kernels.NVRTC_OPTIONS` plus ``-I<kernel_dir>``."""
-    return tuple(kernels.NVRTC_OPTIONS) + ("-I" + str(Path(directory or kernels.kernel_dir()).resolve()),)
+    """NVRTC options of the GPU build: :data:`~dwarf3gpu.backends.kernel_source.NVRTC_OPTIONS` plus ``-I<kernel_dir>``."""
+    return tuple(kernel_source.NVRTC_OPTIONS) + ("-I" + str(Path(directory or kernel_source.kernel_dir()).resolve()),)
 
 
 def nvrtc_version() -> tuple[int, int]:
@@ -74,7 +70,7 @@ def unavailable_reason() -> str:
 def compile_for_arch(path: str | Path, arch: str, directory: Path | None = None, method: str = "ptx") -> bytes:
     """Compile one kernel file with NVRTC for ``arch`` (e.g. ``"sm_80"``) without needing a GPU.
 
-    Same source text (:func:`~dwarf3gpu.backends.kernels.read_source`) and options (:func:`kernel_options` plus
+    Same source text (:func:`~dwarf3gpu.backends.kernel_source.read_source`) and options (:func:`kernel_options` plus
     what RawModule adds) as :class:`CudaBackend`; CuPy's NVRTC program wrapper does the compilation, as
     RawModule does, but with an explicit architecture (CuPy's public helpers ask the current device for it).
 
@@ -102,7 +98,7 @@ def compile_for_arch(path: str | Path, arch: str, directory: Path | None = None,
     cc = arch.removeprefix("sm_").removeprefix("compute_")
     arch_option = f"-arch={'compute' if method == 'ptx' else 'sm'}_{cc}"
     options = kernel_options(directory) + NVRTC_EXTRA + (arch_option,)
-    program = compiler._NVRTCProgram(kernels.read_source(path), str(Path(path).name), method=method)
+    program = compiler._NVRTCProgram(kernel_source.read_source(path), str(Path(path).name), method=method)
     compiled, _ = program.compile(options)
     return compiled if isinstance(compiled, bytes) else str(compiled).encode()
 
@@ -113,15 +109,13 @@ DEVICE_BUDGET_FRACTION = 0.5
 """Share of the free device memory (plus CuPy's cached free blocks) the default stacking budget takes."""
 
 
-class CudaBackend:
-    """Runs the per-pixel stages with the CUDA C kernels on an NVIDIA GPU (CuPy + NVRTC).
+class CudaTarget:
+    """The CUDA launch target: the kernels compiled with NVRTC and run on an NVIDIA GPU through CuPy.
 
     Parameters
     ----------
     device : int
         CUDA device ordinal.
-    fallback_reason : str, optional
-        Unused (CUDA was picked); kept for the :class:`~dwarf3gpu.backends.base.Backend` interface.
 
     Raises
     ------
@@ -131,7 +125,7 @@ class CudaBackend:
 
     name = "cuda"
 
-    def __init__(self, device: int = 0, fallback_reason: str = ""):
+    def __init__(self, device: int = 0):
         reason = unavailable_reason()
         if reason:
             raise BackendUnavailableError(f"the CUDA backend cannot run: {reason}")
@@ -141,13 +135,21 @@ class CudaBackend:
         if not 0 <= int(device) < count:
             raise BackendUnavailableError(f"CUDA device {device} does not exist (this machine has {count}: 0..{count - 1})")
         self._cupy = cupy
-        self.device = int(device)
-        self.fallback_reason = fallback_reason
-        self.directory = kernels.kernel_dir()
-        self.options = kernel_options(self.directory)
-        self.signatures = kernels.load_signatures(self.directory)
-        self.ops = KernelOps(self.launch, cupy, kernels.define_value("D3_CLIP_MAX_FRAMES", self.directory))
         self.xp = cupy
+        self.device = int(device)
+        self.directory = kernel_source.kernel_dir()
+        self.options = kernel_options(self.directory)
+        self.signatures = kernel_source.load_signatures(self.directory)
+        self.clip_max_frames = kernel_source.define_value("D3_CLIP_MAX_FRAMES", self.directory)
+
+    def to_host(self, array: Any) -> np.ndarray:
+        """``array`` downloaded to the host."""
+        return self._cupy.asnumpy(array)
+
+    def clip_kernel_max_frames(self, settings: ClipSettings) -> int:
+        """``D3_CLIP_MAX_FRAMES`` for a median centre or a MAD spread (the kernel sorts each pixel's samples in
+        fixed per-thread arrays); no limit otherwise."""
+        return self.clip_max_frames if settings.median or settings.mad_std else 2**31 - 1
 
     def memory_budget(self) -> int:
         """Default stacking budget: :data:`DEVICE_BUDGET_FRACTION` of the device's free memory (the tiles live
@@ -164,7 +166,7 @@ class CudaBackend:
         key = (self.device, str(Path(path).resolve()), self.options)
         if key not in _MODULES:
             with self._cupy.cuda.Device(self.device):
-                _MODULES[key] = self._cupy.RawModule(code=kernels.read_source(path), options=self.options)
+                _MODULES[key] = self._cupy.RawModule(code=kernel_source.read_source(path), options=self.options)
         return _MODULES[key]
 
     def launch(self, name: str, grid, block, *args) -> None:
@@ -172,7 +174,7 @@ class CudaBackend:
         if name not in self.signatures:
             raise KeyError(f"unknown kernel {name!r}; known: {', '.join(sorted(self.signatures))}")
         sig = self.signatures[name]
-        kernels.check_args(sig, args, self._cupy.ndarray)
+        kernel_source.check_args(sig, args, self._cupy.ndarray)
         with self._cupy.cuda.Device(self.device):
             function = self.module(Path(sig.path)).get_function(name)
             function(tuple(int(g) for g in grid), tuple(int(b) for b in block), args)
@@ -204,65 +206,4 @@ class CudaBackend:
             "nvrtc": ".".join(map(str, nvrtc_version())),
             "host": platform.processor() or platform.machine(),
             "numpy": np.__version__,
-            "fallback_reason": self.fallback_reason,
         }
-
-    # ------------------------------------------------------------------------------------------ stages
-
-    def _host(self, value: Any) -> Any:
-        return self._cupy.asnumpy(value)
-
-    def debayer_bilinear(self, mosaic, pattern, origin=(0, 0)):
-        """See :func:`dwarf3gpu.debayer.debayer_bilinear`."""
-        return self._host(self.ops.debayer_bilinear(mosaic, pattern, origin=origin))
-
-    def debayer_superpixel(self, mosaic, pattern):
-        """See :func:`dwarf3gpu.debayer.debayer_superpixel`."""
-        return self._host(self.ops.debayer_superpixel(mosaic, pattern))
-
-    def warp_affine(self, image, matrix, out_shape, **kwargs):
-        """See :func:`dwarf3gpu.warp.warp_affine`."""
-        return tuple(self._host(a) for a in self.ops.warp_affine(image, matrix, out_shape, **kwargs))
-
-    def warp_bayer_planes(self, mosaic, pattern, matrix, out_shape, **kwargs):
-        """See :func:`dwarf3gpu.warp.warp_bayer_planes`."""
-        return tuple(self._host(a) for a in self.ops.warp_bayer_planes(mosaic, pattern, matrix, out_shape, **kwargs))
-
-    def warp_lattice(self, mosaic, pattern, matrix, out_shape, out=None, **kwargs):
-        """See :func:`dwarf3gpu.warp.warp_lattice` (``d3_warp_lattice``). ``out``: device arrays (CuPy) are
-        written in place (the stacking loop's tile buffer); host arrays receive a copy."""
-        if out is not None and all(isinstance(a, self._cupy.ndarray) for a in out):
-            with self._cupy.cuda.Device(self.device):
-                return self.ops.warp_lattice(mosaic, pattern, matrix, out_shape, out=out, **kwargs)
-        results = tuple(self._host(a) for a in self.ops.warp_lattice(mosaic, pattern, matrix, out_shape, **kwargs))
-        if out is None:
-            return results
-        for target, result in zip(out, results):
-            np.copyto(target, result)
-        return tuple(out)
-
-    def shift_integer(self, image, dx, dy, out_shape):
-        """See :func:`dwarf3gpu.warp.shift_integer` (exact; runs on the host, it is a copy)."""
-        from .. import warp
-
-        return warp.shift_integer(image, dx, dy, out_shape)
-
-    def sigma_clip(self, stack_, valid, weights, frame_weights, **kwargs):
-        """See :func:`dwarf3gpu.stack.sigma_clip_mask_aware` and :meth:`KernelOps.sigma_clip` (limits)."""
-        from .. import stack
-        from ..stack import ClipResult
-
-        n = int(np.shape(stack_)[0]) if np.ndim(stack_) else 0
-        robust = kwargs.get("cenfunc", "median") == "median" or kwargs.get("stdfunc", "std") == "mad_std"
-        if robust and n > self.ops.clip_max_frames:  # the kernel's per-thread sort is bounded: reference on the host
-            return stack.sigma_clip_mask_aware(stack_, valid, weights, frame_weights, **kwargs)
-        result = self.ops.sigma_clip(stack_, valid, weights, frame_weights, **kwargs)
-        return ClipResult(*(self._host(a) for a in result))
-
-    def clip_into(self, *args, **kwargs) -> None:
-        """The clipping step of :func:`dwarf3gpu.stack.stack_tiles` (its ``clip`` argument) on the GPU: the same
-        ``d3_sigma_clip`` kernel through :meth:`~dwarf3gpu.backends.kernel_ops.KernelOps.clip_into` (the tile
-        is uploaded once, the outputs downloaded chunk by chunk; NumPy on the host beyond the kernel's frame
-        limit for a median/MAD clip)."""
-        with self._cupy.cuda.Device(self.device):
-            self.ops.clip_into(*args, **kwargs)

@@ -15,11 +15,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from . import kernels
+from . import kernel_source
+from .base import StageOps
 
 __all__ = ["Check", "run_checks", "verdict", "NVRTC_ARCHS"]
 
@@ -27,6 +27,12 @@ NVRTC_ARCHS = ("sm_80", "sm_90")
 """Architectures the NVRTC and nvcc compile checks target (A100, H100)."""
 
 OK, INFO, WARN, FAIL, SKIP = "ok", "info", "warn", "FAIL", "skip"
+
+REFERENCE = "cpu: numpy reference"
+"""Self-test row of the NumPy reference stage operations (the CPU backend without a C++ compiler)."""
+
+CPU_BUILD = "cpu: kernels (g++/OpenMP build)"
+"""Self-test row of the CPU build of the kernels (the CPU backend's default)."""
 
 
 @dataclass
@@ -109,10 +115,10 @@ def _cuda_info() -> tuple[list[Check], bool, bool]:
 
 
 def _compilers() -> tuple[list[Check], str | None, str | None]:
-    from . import native
+    from . import cpu_build
 
     rows = []
-    cxx = native.find_compiler()
+    cxx = cpu_build.find_compiler()
     if cxx:
         first = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()
         rows.append(Check("compilers", "c++", OK, f"{cxx}: {first[0] if first else '?'}"))
@@ -124,18 +130,18 @@ def _compilers() -> tuple[list[Check], str | None, str | None]:
 
 
 def _compile_checks(cxx: str | None, nvcc: str | None, nvrtc_ok: bool, cache_root: Path | None) -> tuple[list[Check], bool]:
-    from . import native
+    from . import cpu_build
 
     rows = []
-    directory = kernels.kernel_dir()
-    files = kernels.kernel_files(directory)
+    directory = kernel_source.kernel_dir()
+    files = kernel_source.kernel_files(directory)
     rows.append(Check("kernels", "sources", OK, f"{len(files)} files in {directory}"))
-    native_ok = False
+    cpu_build_ok = False
     if cxx:
         try:
-            library = native.build(directory, cache_root)
+            library = cpu_build.build(directory, cache_root)
             rows.append(Check("kernels", "cpu build", OK, str(library)))
-            native_ok = True
+            cpu_build_ok = True
         except Exception as exc:
             rows.append(Check("kernels", "cpu build", FAIL, str(exc)[-800:]))
     else:
@@ -163,48 +169,57 @@ def _compile_checks(cxx: str | None, nvcc: str | None, nvrtc_ok: bool, cache_roo
         failed = []
         with tempfile.TemporaryDirectory() as tmp:
             for path in files:
-                result = subprocess.run([nvcc, "--ptx", f"-arch={arch}", *kernels.NVRTC_OPTIONS, "-I", str(directory),
+                result = subprocess.run([nvcc, "--ptx", f"-arch={arch}", *kernel_source.NVRTC_OPTIONS, "-I", str(directory),
                                          str(path), "-o", str(Path(tmp) / f"{path.stem}.ptx")],
                                         capture_output=True, text=True)
                 if result.returncode != 0:
                     failed.append(f"{path.name}: {(result.stderr or result.stdout)[-400:]}")
         rows.append(Check("kernels", f"nvcc {arch}", FAIL if failed else OK,
                           "; ".join(failed) if failed else f"{len(files)} files compiled"))
-    return rows, native_ok
+    return rows, cpu_build_ok
 
 
-def _self_test(name: str, debayer_fn: Callable, warp_fn: Callable, lattice_fn: Callable, clip_fn: Callable) -> Check:
-    """Compare one target's debayer, warps (affine and the default lattice resampler) and sigma clip with the NumPy
-    reference on a small random input."""
-    from .. import debayer, stack, warp
+def _self_test(name: str, ops: StageOps) -> Check:
+    """Compare one backend's stage operations (debayers, warps including the default lattice resampler, the
+    sigma clip of a tile) with the NumPy reference functions on a small random input."""
+    from .. import debayer, warp
+    from ..clip import clip_settings, sigma_clip_mask_aware
 
     rng = np.random.default_rng(7)
     mosaic = rng.uniform(0, 1000, (37, 53)).astype(np.float32)
     t = np.radians(1.5)
     matrix = np.array([[np.cos(t), -np.sin(t), 1.3], [np.sin(t), np.cos(t), -0.7]])
-    frames = rng.normal(100, 5, (9, 2, 37, 53)).astype(np.float32)
-    frames[0, :, 5, 5] = 1e4  # an outlier to clip
+    frames = rng.normal(100, 5, (9, 2, 37 * 53)).astype(np.float32)
+    frames[0, :, 5] = 1e4  # an outlier to clip
     problems = []
+
+    def same(got, want) -> bool:
+        return all(np.array_equal(ops.download(g), w, equal_nan=True) for g, w in zip(got, want))
+
     try:
-        got, want = np.asarray(debayer_fn(mosaic, "RGGB")), debayer.debayer_bilinear(mosaic, "RGGB")
-        if not np.array_equal(got, want, equal_nan=True):
-            problems.append("debayer differs")
-        got, want = warp_fn(mosaic, matrix, (37, 53)), warp.warp_affine(mosaic, matrix, (37, 53))
-        if not all(np.array_equal(np.asarray(g), w, equal_nan=True) for g, w in zip(got, want)):
+        on_target = ops.upload(mosaic)
+        for kind, function in (("bilinear", debayer.debayer_bilinear), ("mhc", debayer.debayer_mhc)):
+            method = ops.debayer_mhc if kind == "mhc" else ops.debayer_bilinear
+            if not same([method(on_target, "RGGB")], [function(mosaic, "RGGB")]):
+                problems.append(f"{kind} debayer differs")
+        if not same(ops.warp_affine(on_target, matrix, (37, 53)), warp.warp_affine(mosaic, matrix, (37, 53))):
             problems.append("warp differs")
-        got, want = lattice_fn(mosaic, "RGGB", matrix, (37, 53)), warp.warp_lattice(mosaic, "RGGB", matrix, (37, 53))
-        if not all(np.array_equal(np.asarray(g), w, equal_nan=True) for g, w in zip(got, want)):
+        if not same(ops.warp_lattice(on_target, "RGGB", matrix, (37, 53)),
+                    warp.warp_lattice(mosaic, "RGGB", matrix, (37, 53))):
             problems.append("lattice warp differs")
-        got = clip_fn(frames, None, None, None)
-        want = stack.sigma_clip_mask_aware(frames, None, None, None)
-        if not (np.array_equal(np.asarray(got.coverage), want.coverage)
-                and np.array_equal(np.asarray(got.rejected), want.rejected)
-                and np.allclose(np.asarray(got.mean), want.mean, rtol=1e-6, atol=0, equal_nan=True)):
+        xp = ops.xp
+        mean, coverage, rejected = (xp.empty((2, 37 * 53), xp.float32), xp.empty((2, 37 * 53), xp.int16),
+                                    xp.empty((2, 37 * 53), xp.int16))
+        ops.clip_into(ops.upload(frames), None, None, None, clip_settings(), mean, coverage, rejected)
+        want = sigma_clip_mask_aware(frames)
+        if not (np.array_equal(ops.download(coverage), want.coverage)
+                and np.array_equal(ops.download(rejected), want.rejected)
+                and np.allclose(ops.download(mean), want.mean, rtol=1e-6, atol=0, equal_nan=True)):
             problems.append("sigma clip differs")
     except Exception as exc:
         problems.append(f"{type(exc).__name__}: {exc}")
     return Check("self-test", name, FAIL if problems else OK,
-                 "; ".join(problems) if problems else "debayer, warps and sigma clip match the NumPy reference")
+                 "; ".join(problems) if problems else "debayers, warps and sigma clip match the NumPy reference")
 
 
 def run_checks(cache_root: Path | None = None) -> list[Check]:
@@ -215,7 +230,8 @@ def run_checks(cache_root: Path | None = None) -> list[Check]:
     cache_root : pathlib.Path, optional
         Cache folder of the CPU kernel build (default: the user cache).
     """
-    from .cpu import CpuBackend
+    from .reference import ReferenceStageOps
+    from .stage_ops import KernelStageOps
 
     rows = _versions()
     cuda_rows, nvrtc_ok, cuda_ok = _cuda_info()
@@ -223,27 +239,22 @@ def run_checks(cache_root: Path | None = None) -> list[Check]:
     compiler_rows, cxx, nvcc = _compilers()
     rows += compiler_rows
     try:
-        compile_rows, native_ok = _compile_checks(cxx, nvcc, nvrtc_ok, cache_root)
+        compile_rows, cpu_build_ok = _compile_checks(cxx, nvcc, nvrtc_ok, cache_root)
     except Exception as exc:
-        compile_rows, native_ok = [Check("kernels", "sources", FAIL, str(exc))], False
+        compile_rows, cpu_build_ok = [Check("kernels", "sources", FAIL, str(exc))], False
     rows += compile_rows
-    cpu = CpuBackend()
-    rows.append(_self_test("cpu (numpy)", lambda m, p: cpu.debayer_bilinear(m, p),
-                           lambda i, a, s: cpu.warp_affine(i, a, s), cpu.warp_lattice, cpu.sigma_clip))
-    if native_ok:
-        from . import native
+    rows.append(_self_test(REFERENCE, ReferenceStageOps()))
+    if cpu_build_ok:
+        from . import cpu_build
 
-        ops = native.native_ops(root=cache_root)
-        rows.append(_self_test("cpu kernels (g++/OpenMP)", ops.debayer_bilinear, ops.warp_affine, ops.warp_lattice,
-                               ops.sigma_clip))
+        rows.append(_self_test(CPU_BUILD, KernelStageOps(cpu_build.load(root=cache_root))))
     else:
-        rows.append(Check("self-test", "cpu kernels (g++/OpenMP)", SKIP, "no CPU build"))
+        rows.append(Check("self-test", CPU_BUILD, SKIP, "no CPU build: the CPU backend runs the NumPy reference"))
     if cuda_ok:
         try:
-            from .cuda import CudaBackend
+            from .cuda import CudaTarget
 
-            gpu = CudaBackend()
-            rows.append(_self_test("cuda", gpu.debayer_bilinear, gpu.warp_affine, gpu.warp_lattice, gpu.sigma_clip))
+            rows.append(_self_test("cuda", KernelStageOps(CudaTarget())))
         except Exception as exc:
             rows.append(Check("self-test", "cuda", FAIL, f"{type(exc).__name__}: {exc}"))
     else:
@@ -254,7 +265,8 @@ def run_checks(cache_root: Path | None = None) -> list[Check]:
 def verdict(rows: list[Check]) -> tuple[bool, str]:
     """(CPU path works, one-line verdict)."""
     by_item = {(r.section, r.item): r for r in rows}
-    cpu_ok = by_item[("self-test", "cpu (numpy)")].status == OK
+    cpu_build = by_item.get(("self-test", CPU_BUILD))
+    cpu_ok = by_item[("self-test", REFERENCE)].status == OK and (cpu_build is None or cpu_build.status != FAIL)
     cuda = by_item.get(("self-test", "cuda"))
     failures = [f"{r.section}/{r.item}" for r in rows if r.status == FAIL]
     if not cpu_ok:

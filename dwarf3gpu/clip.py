@@ -1,55 +1,53 @@
-"""Stacking: frame normalisation, mask- and weight-aware sigma clipping, tiling under a memory budget, cropping.
+"""Pixel rejection: the reference mask- and weight-aware sigma clip and its public settings type.
 
-This is the CPU reference of the rejection stage. The clipping follows :func:`astropy.stats.sigma_clip` (same
-``cenfunc``/``stdfunc``/bounds/``maxiters`` semantics, checked against it in ``tests/test_stack.py``) but works per
-output pixel over the frame axis, the way the CUDA kernel will (one thread per output pixel, looping over the
-frames): each pixel's valid samples are sorted once, the kept set is then always a contiguous range of that sorted
-list, and the median, the MAD and the bound updates are index arithmetic on it. NumPy does the per-pixel work for
-blocks of pixels at a time ("chunks", a fixed number of samples, so temporary memory does not grow with the
-image), optionally in threads. Every per-pixel result is independent of how the pixels are grouped, so the output
-is bit-identical for any chunk, tile or thread count. Formulas and measurements: METHODS.md, "Stacking".
+The clipping follows :func:`astropy.stats.sigma_clip` (same ``cenfunc``/``stdfunc``/bounds/``maxiters``
+semantics, checked against it in the tests) but works per output pixel over the frame axis, the way the kernel
+``d3_sigma_clip`` does (one thread per output pixel, looping over the frames): each pixel's valid samples are
+sorted once, the kept set is then always a contiguous range of that sorted list, and the median, the MAD and the
+bound updates are index arithmetic on it. NumPy does the per-pixel work for blocks of pixels at a time ("chunks",
+a fixed number of samples, so temporary memory does not grow with the image), optionally in threads. Every
+per-pixel result is independent of how the pixels are grouped, so the output is bit-identical for any chunk, tile
+or thread count (METHODS.md, "Sigma clipping").
+
+:class:`ClipSettings` (made by :func:`clip_settings`) is what the stage operations and the tile driver pass
+around; :func:`clip_into` is the reference clipping step of one tile.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
 import threading
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
+from .resources import for_each, with_threads
+from .robust import MAD_TO_STD
 
 __all__ = [
     "ClipResult",
-    "TilePlan",
+    "ClipSettings",
+    "clip_settings",
+    "clip_into",
     "sigma_clip_mask_aware",
     "sigma_clip_mask_aware_rgb",
     "clip_bounds",
-    "normalisation",
-    "normalise_frames",
-    "plan_tiles",
-    "default_memory_budget",
-    "parse_memory",
-    "stack_tiles",
-    "crop_to_coverage",
+    "check_frame_weights",
+    "count_dtype",
+    "per_sample_view",
+    "frames_channels_pixels_shape",
     "CENFUNCS",
     "STDFUNCS",
-    "NORMALISATIONS",
+    "CHUNK_SAMPLES",
+    "CLIP_BYTES_PER_SAMPLE",
 ]
 
 CENFUNCS = ("median", "mean")
 STDFUNCS = ("std", "mad_std")
-NORMALISATIONS = ("additive", "multiplicative", "none")
 
 _FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
-
-#: ``mad_std = MAD_TO_STD x MAD``; the constant astropy's C code uses (1 / Phi^-1(3/4)).
-MAD_TO_STD = 1.482602218505602
 
 #: Samples (frames x pixels) per chunk of the clipping; bounds the temporaries of one worker.
 CHUNK_SAMPLES = 1 << 18
@@ -59,13 +57,6 @@ CHUNK_SAMPLES = 1 << 18
 #: counts this.
 CLIP_BYTES_PER_SAMPLE = 48
 
-#: Default memory budget: this share of the available RAM ...
-DEFAULT_BUDGET_FRACTION = 0.5
-#: ... capped at this many bytes: square tiles of a few hundred thousand pixels already stack at full speed, and
-#: with the interpreter and the finished master the whole process then stays under 2 GB (benchmarks/RESULTS.md).
-DEFAULT_BUDGET_CAP = 1 << 30
-#: Used when the available RAM cannot be read.
-FALLBACK_AVAILABLE = 4 << 30
 
 
 class ClipResult(NamedTuple):
@@ -90,8 +81,20 @@ class ClipResult(NamedTuple):
 
 
 @dataclass(frozen=True)
-class _ClipSettings:
-    """Validated clipping options."""
+class ClipSettings:
+    """Validated clipping options (make them with :func:`clip_settings`).
+
+    Attributes
+    ----------
+    sigma_lower, sigma_upper : float
+        Bounds below and above the centre, in units of the spread.
+    maxiters : int or None
+        Most bound computations per pixel; None until nothing changes.
+    median : bool
+        The centre is the median (else the mean).
+    mad_std : bool
+        The spread is ``MAD_TO_STD x MAD`` (else the population standard deviation).
+    """
 
     sigma_lower: float
     sigma_upper: float
@@ -100,8 +103,15 @@ class _ClipSettings:
     mad_std: bool
 
 
-def _settings(sigma, sigma_lower, sigma_upper, maxiters, cenfunc, stdfunc) -> _ClipSettings:
-    """Check the options; ``sigma_lower``/``sigma_upper`` default to ``sigma`` (astropy)."""
+def clip_settings(sigma: float = 3.0, sigma_lower: float | None = None, sigma_upper: float | None = None,
+                  maxiters: int | None = 5, cenfunc: str = "median", stdfunc: str = "std") -> ClipSettings:
+    """Check astropy-style clipping options; ``sigma_lower``/``sigma_upper`` default to ``sigma`` (as astropy).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``cenfunc``/``stdfunc``, a negative or non-finite bound, or ``maxiters`` < 1.
+    """
     if cenfunc not in CENFUNCS:
         raise ValueError(f"cenfunc must be one of {CENFUNCS}, got {cenfunc!r}")
     if stdfunc not in STDFUNCS:
@@ -113,16 +123,16 @@ def _settings(sigma, sigma_lower, sigma_upper, maxiters, cenfunc, stdfunc) -> _C
             raise ValueError(f"{name} must be finite and >= 0, got {value}")
     if maxiters is not None and (int(maxiters) != maxiters or maxiters < 1):
         raise ValueError(f"maxiters must be an integer >= 1 or None, got {maxiters!r}")
-    return _ClipSettings(lower, upper, None if maxiters is None else int(maxiters),
+    return ClipSettings(lower, upper, None if maxiters is None else int(maxiters),
                          cenfunc == "median", stdfunc == "mad_std")
 
 
-def _count_dtype(n_frames: int) -> type:
+def count_dtype(n_frames: int) -> type:
     """int16 while it can hold ``n_frames``, else int32."""
     return np.int16 if n_frames <= np.iinfo(np.int16).max else np.int32
 
 
-def _frames_channels_pixels(stack: np.ndarray, name: str, other: np.ndarray | None) -> np.ndarray | None:
+def per_sample_view(stack: np.ndarray, name: str, other: np.ndarray | None) -> np.ndarray | None:
     """View ``other`` (valid or weights) as (N, C or 1, L) to match ``stack`` seen as (N, C, L).
 
     Accepted shapes for a stack (N, *S): (N, *S) (one value per sample); and for a stack with a channel axis,
@@ -134,7 +144,7 @@ def _frames_channels_pixels(stack: np.ndarray, name: str, other: np.ndarray | No
     other = np.asarray(other)
     n, s = stack.shape[0], stack.shape[1:]
     if other.shape == stack.shape:
-        return other.reshape(_fcl_shape(stack.shape))
+        return other.reshape(frames_channels_pixels_shape(stack.shape))
     if len(s) >= 3 and other.shape in ((n, 1) + s[1:], (n,) + s[1:]):
         return other.reshape(n, 1, math.prod(s[1:]))
     shared = f", {(n, 1) + s[1:]} or {(n,) + s[1:]}" if len(s) >= 3 else ""
@@ -142,7 +152,7 @@ def _frames_channels_pixels(stack: np.ndarray, name: str, other: np.ndarray | No
                      f"{stack.shape}{shared}")
 
 
-def _fcl_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
+def frames_channels_pixels_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
     """(N, C, L) for a stack shape (N, C, *R) (three or more axes after N) or (N, *S) (C = 1)."""
     n, s = shape[0], shape[1:]
     if len(s) >= 3:
@@ -369,7 +379,7 @@ class _ChunkClip(NamedTuple):
     n_kept: np.ndarray
 
 
-def _clip_chunk(x: np.ndarray, xz: np.ndarray, ok: np.ndarray | None, n_valid: np.ndarray, cfg: _ClipSettings,
+def _clip_chunk(x: np.ndarray, xz: np.ndarray, ok: np.ndarray | None, n_valid: np.ndarray, cfg: ClipSettings,
                 scratch: _Scratch) -> _ChunkClip:
     """astropy's iteration for every pixel (column) of a chunk, on each pixel's sorted valid samples.
 
@@ -535,7 +545,7 @@ def _chunk_mean(x: np.ndarray, xz: np.ndarray, ok: np.ndarray | None, lo: np.nda
     return mean, n_kept
 
 
-def _check_frame_weights(frame_weights, n_frames: int) -> np.ndarray | None:
+def check_frame_weights(frame_weights, n_frames: int) -> np.ndarray | None:
     """(N,) float64 finite, >= 0 frame weights, or None."""
     if frame_weights is None:
         return None
@@ -553,18 +563,10 @@ def _chunks(n_frames: int, n_pixels: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, n_pixels)) for start in range(0, n_pixels, step)]
 
 
-def _run(executor: Executor | None, function: Callable[[Any], None], items: Sequence) -> None:
-    """``function(item)`` for every item, in ``executor`` when given (exceptions propagate)."""
-    if executor is None:
-        for item in items:
-            function(item)
-    else:
-        for _ in executor.map(function, items):
-            pass
 
 
-def _clip_into(stack: np.ndarray, valid: np.ndarray | None, weights: np.ndarray | None,
-               frame_weights: np.ndarray | None, cfg: _ClipSettings, mean: np.ndarray | None,
+def clip_into(stack: np.ndarray, valid: np.ndarray | None, weights: np.ndarray | None,
+               frame_weights: np.ndarray | None, cfg: ClipSettings, mean: np.ndarray | None,
                coverage: np.ndarray | None, rejected: np.ndarray | None, bounds: tuple | None,
                executor: Executor | None) -> None:
     """Clip a stack seen as (N, C, L); write the (C, L) outputs given (``coverage`` may be (1, L) when ``valid``
@@ -610,7 +612,7 @@ def _clip_into(stack: np.ndarray, valid: np.ndarray | None, weights: np.ndarray 
             mean[channel, start:stop], n_kept = _chunk_mean(x, xz, ok, clip.lo, clip.hi, w, frame_weights, scratch)
         rejected[channel, start:stop] = n_valid - n_kept
 
-    _run(executor, work, [(c, start, stop) for c in range(channels) for start, stop in _chunks(n_frames, n_pixels)])
+    for_each(executor, work, [(c, start, stop) for c in range(channels) for start, stop in _chunks(n_frames, n_pixels)])
 
 
 def _prepare(stack, valid, weights):
@@ -620,27 +622,14 @@ def _prepare(stack, valid, weights):
         raise ValueError(f"stack must have at least one frame along axis 0, got shape {stack.shape}")
     if stack.dtype.kind not in "fiu":
         raise ValueError(f"stack must be a real numeric array, got dtype {stack.dtype}")
-    valid3 = _frames_channels_pixels(stack, "valid", valid)
+    valid3 = per_sample_view(stack, "valid", valid)
     if valid3 is not None and valid3.dtype != bool:
         raise ValueError(f"valid must be a bool array, got dtype {valid3.dtype}")
-    return stack.reshape(_fcl_shape(stack.shape)), valid3, _frames_channels_pixels(stack, "weights", weights)
+    return stack.reshape(frames_channels_pixels_shape(stack.shape)), valid3, per_sample_view(stack, "weights", weights)
 
 
-def _default_workers() -> int:
-    """Cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _with_threads(workers: int | None, n_tasks_hint: int, call: Callable[[Executor | None], None]) -> None:
-    """Run ``call(executor)`` with a private thread pool of ``workers`` threads (None: all cores), or none."""
-    workers = _default_workers() if workers is None else int(workers)
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    if workers == 1 or n_tasks_hint < 2:
-        call(None)
-        return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        call(pool)
 
 
 def sigma_clip_mask_aware(
@@ -714,17 +703,17 @@ def sigma_clip_mask_aware(
     differ from astropy's only by float64 rounding (its sums run in another order). Temporary memory is about
     ``CLIP_BYTES_PER_SAMPLE x CHUNK_SAMPLES`` bytes per worker plus the outputs.
     """
-    cfg = _settings(sigma, sigma_lower, sigma_upper, maxiters, cenfunc, stdfunc)
+    cfg = clip_settings(sigma, sigma_lower, sigma_upper, maxiters, cenfunc, stdfunc)
     stack3, valid3, weights3 = _prepare(stack, valid, weights)
     n_frames, channels, n_pixels = stack3.shape
-    fw = _check_frame_weights(frame_weights, n_frames)
+    fw = check_frame_weights(frame_weights, n_frames)
     out_shape = stack.shape[1:]
-    dtype = _count_dtype(n_frames)
+    dtype = count_dtype(n_frames)
     mean = np.empty(out_shape, np.float32)
     coverage = np.empty(out_shape, dtype)
     rejected = np.empty(out_shape, dtype)
     flat = (channels, n_pixels)
-    _with_threads(workers, channels * len(_chunks(n_frames, n_pixels)), lambda pool: _clip_into(
+    with_threads(workers, channels * len(_chunks(n_frames, n_pixels)), lambda pool: clip_into(
         stack3, valid3, weights3, fw, cfg, _flat_view(mean, flat), _flat_view(coverage, flat),
         _flat_view(rejected, flat), None, pool))
     return ClipResult(mean, coverage, rejected)
@@ -755,13 +744,13 @@ def clip_bounds(
     lower, upper : numpy.ndarray
         float64, shape ``stack.shape[1:]``; NaN where a pixel has no valid sample.
     """
-    cfg = _settings(sigma, sigma_lower, sigma_upper, maxiters, cenfunc, stdfunc)
+    cfg = clip_settings(sigma, sigma_lower, sigma_upper, maxiters, cenfunc, stdfunc)
     stack3, valid3, _ = _prepare(stack, valid, None)
     n_frames, channels, n_pixels = stack3.shape
     lower, upper = np.empty(stack.shape[1:]), np.empty(stack.shape[1:])
     flat = (channels, n_pixels)
     bounds = (_flat_view(lower, flat), _flat_view(upper, flat))
-    _with_threads(workers, channels * len(_chunks(n_frames, n_pixels)), lambda pool: _clip_into(
+    with_threads(workers, channels * len(_chunks(n_frames, n_pixels)), lambda pool: clip_into(
         stack3, valid3, None, None, cfg, None, None, None, bounds, pool))
     return lower, upper
 
@@ -769,514 +758,39 @@ def clip_bounds(
 # ------------------------------------------------------------------------------------------- normalisation
 
 
-def normalisation(ref_bg, frame_bg, mode: str = "additive") -> tuple[np.ndarray, np.ndarray]:
-    """Offset and scale that bring a frame's background to the reference's: ``x' = x * scale + offset``.
-
-    Parameters
-    ----------
-    ref_bg : array-like
-        Background level of the reference frame, per channel (C,) (or a scalar).
-    frame_bg : array-like
-        Background level of the frame, same shape (or (N, C) for N frames at once).
-    mode : {'additive', 'multiplicative', 'none'}
-        ``additive``: ``x + (ref_bg - bg)`` (offset ``ref_bg - bg``, scale 1): matches sky levels that differ by
-        light pollution or moonlight. ``multiplicative``: ``x * ref_bg / bg`` (offset 0): matches frames whose
-        whole signal is scaled (transparency), needs positive backgrounds. ``none``: offset 0, scale 1.
-
-    Returns
-    -------
-    offset, scale : numpy.ndarray
-        float64, shape of ``frame_bg`` broadcast with ``ref_bg``.
-
-    Raises
-    ------
-    ConfigError
-        For an unknown mode, or ``multiplicative`` with a background level that is not positive.
-    """
-    ref = np.asarray(ref_bg, np.float64)
-    bg = np.asarray(frame_bg, np.float64)
-    shape = np.broadcast_shapes(ref.shape, bg.shape)
-    if mode == "additive":
-        return ref - bg + np.zeros(shape), np.ones(shape)
-    if mode == "multiplicative":
-        if not (np.all(ref > 0) and np.all(bg > 0)):
-            raise ConfigError(
-                f"multiplicative normalisation needs positive background levels (reference {ref.tolist()}, "
-                f"frame {bg.tolist()}); use --normalisation additive"
-            )
-        return np.zeros(shape), ref / bg + np.zeros(shape)
-    if mode == "none":
-        return np.zeros(shape), np.ones(shape)
-    raise ConfigError(f"unknown normalisation {mode!r}; choose one of {', '.join(NORMALISATIONS)}")
 
 
-def normalise_frames(stack: np.ndarray, offsets, scales, out: np.ndarray | None = None) -> np.ndarray:
-    """``stack * scale + offset`` per frame (and channel), in float32.
-
-    Parameters
-    ----------
-    stack : numpy.ndarray
-        (N, ...) samples; for (N, C, ...) the offsets and scales may be per channel.
-    offsets, scales : array-like
-        (N,) or (N, C), from :func:`normalisation`.
-    out : numpy.ndarray, optional
-        float32 destination (may be ``stack`` itself for an in-place update).
-
-    Returns
-    -------
-    numpy.ndarray
-        The normalised samples.
-    """
-    stack = np.asarray(stack)
-    off = np.asarray(offsets, np.float32)
-    scl = np.asarray(scales, np.float32)
-    extra = (1,) * (stack.ndim - off.ndim)
-    if off.shape[0] != stack.shape[0] or scl.shape != off.shape:
-        raise ValueError(f"offsets {off.shape} and scales {scl.shape} must both be (N,) or (N, C) for a stack "
-                         f"of shape {stack.shape}")
-    out = np.multiply(stack, scl.reshape(scl.shape + extra), out=out, dtype=np.float32)
-    return np.add(out, off.reshape(off.shape + extra), out=out)
 
 
 # ------------------------------------------------------------------------------------------------- tiling
 
 
-@dataclass(frozen=True)
-class TilePlan:
-    """Rectangular tiles of the output image that the stacking processes one at a time.
-
-    Tiles are as square as the budget allows: a rotated frame's source window for a square tile is at most twice
-    the tile's area, whereas a thin full-width band of a frame rotated by theta needs ``width x sin(theta)`` extra
-    source rows, all of which must be read and debayered for every band.
-
-    Attributes
-    ----------
-    height, width : int
-        Output image size.
-    n_frames, channels : int
-        Frames in the stack and channels per frame (1 for a CFA plane, 3 for RGB).
-    workers : int
-        Threads the plan allows for (clipping temporaries and frame renders in flight).
-    tile_shape : (int, int)
-        ``(rows, cols)`` of every tile but possibly those of the last tile row or column (even numbers unless one
-        tile spans that whole axis).
-    tiles : list of (int, int, int, int)
-        ``(row0, row1, col0, col1)`` of each tile (half-open), row by row, covering the image once.
-    bytes_per_pixel : int
-        Memory one more tile pixel costs (frame buffers, tile outputs and renders in flight).
-    fixed_bytes : int
-        Memory that does not depend on the tile size (output arrays and clipping temporaries).
-    bytes_per_tile : int
-        Peak working memory of a full tile, ``fixed_bytes + rows x cols x bytes_per_pixel``.
-    budget : int
-        The memory budget the plan was made for.
-    """
-
-    height: int
-    width: int
-    n_frames: int
-    channels: int
-    workers: int
-    tile_shape: tuple[int, int]
-    tiles: list[tuple[int, int, int, int]]
-    bytes_per_pixel: int
-    fixed_bytes: int
-    bytes_per_tile: int
-    budget: int
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready description (the manifest stores it)."""
-        return {
-            "height": self.height, "width": self.width, "n_frames": self.n_frames, "channels": self.channels,
-            "workers": self.workers, "tile_shape": list(self.tile_shape), "n_tiles": len(self.tiles),
-            "tiles": [list(t) for t in self.tiles], "bytes_per_pixel": self.bytes_per_pixel,
-            "fixed_bytes": self.fixed_bytes, "bytes_per_tile": self.bytes_per_tile, "budget": self.budget,
-        }
 
 
-def _sample_bytes(channels: int) -> int:
-    """Frame-buffer bytes per frame and output pixel: data (float32 per channel), valid (bool), weight (float32)."""
-    return 4 * channels + 1 + 4
 
 
-def _round_up(value: int, multiple: int) -> int:
-    """``value`` rounded up to a multiple of ``multiple``."""
-    return -(-value // multiple) * multiple
 
 
-def _tile_grid(size: int, tile: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of tiles of ``tile`` along an axis of ``size`` (the last one may be shorter)."""
-    return [(start, min(start + tile, size)) for start in range(0, size, tile)]
 
 
-def _balanced(size: int, tile: int, multiple: int) -> int:
-    """The smallest tile length (a multiple of ``multiple``, or ``size``) giving as many tiles as ``tile`` does."""
-    if tile >= size or tile < 1:
-        return min(size, max(tile, 0))
-    count = -(-size // tile)
-    return min(tile, _round_up(-(-size // count), multiple))
 
 
-def plan_tiles(
-    height: int,
-    width: int,
-    n_frames: int,
-    channels: int,
-    memory_budget_bytes: int,
-    *,
-    workers: int | None = None,
-    render_bytes_per_pixel: int = 0,
-    tile_shape: tuple[int, int] | None = None,
-    min_side: int = 16,
-    multiple: int = 2,
-) -> TilePlan:
-    """Split the output into tiles whose peak working memory fits ``memory_budget_bytes``.
-
-    Accounting (bytes): outputs ``H x W x (4C + 2C + 2)`` (mean float32, rejected and coverage int16; int32
-    beyond 32767 frames doubles the counts) and clipping temporaries ``workers x CHUNK_SAMPLES x
-    CLIP_BYTES_PER_SAMPLE`` are fixed; each tile pixel costs ``(N + workers) x (4C + 1 + 4)`` (the (N, C, P)
-    data, (N, P) valid and weight buffers, plus one rendered tile per worker in flight), ``6C + 2`` (the tile's
-    outputs before they are copied into place) and ``workers x render_bytes_per_pixel`` (the renderer's own
-    scratch per output pixel, e.g. the raw and debayered source window).
-
-    The tile is the largest square-ish rectangle that fits: side ``sqrt(P)`` for ``P`` affordable pixels (even
-    lengths keep every tile on the same Bayer phase), then evened out so the tiles of a row (column) have about
-    the same size. One tile is used when the whole image fits.
-
-    Parameters
-    ----------
-    height, width : int
-        Output size.
-    n_frames, channels : int
-        Frames to stack and channels per frame.
-    memory_budget_bytes : int
-        Budget (see :func:`default_memory_budget`, :func:`parse_memory`).
-    workers : int, optional
-        Threads that will clip and render (None: every core this process may use).
-    render_bytes_per_pixel : int, optional
-        The renderer's scratch memory per output pixel of a render in flight.
-    tile_shape : (int, int), optional
-        Use tiles of this ``(rows, cols)`` (clipped to the image) instead of the largest that fits; the budget is
-        still checked.
-    min_side : int, optional
-        Smallest tile side worth processing (smaller: mostly per-tile overhead).
-    multiple : int, optional
-        Tile sides are multiples of it (2 keeps every tile on the same Bayer phase).
-
-    Returns
-    -------
-    TilePlan
-
-    Raises
-    ------
-    ConfigError
-        When even a ``min_side`` x ``min_side`` tile (or ``tile_shape``) does not fit in the budget.
-    """
-    height, width, n_frames, channels = int(height), int(width), int(n_frames), int(channels)
-    if min(height, width, n_frames, channels, min_side, multiple) < 1:
-        raise ValueError("height, width, n_frames, channels, min_side and multiple must be positive")
-    workers = _default_workers() if workers is None else int(workers)
-    count_bytes = np.dtype(_count_dtype(n_frames)).itemsize
-    fixed = height * width * (4 * channels + count_bytes * (channels + 1))
-    fixed += workers * CHUNK_SAMPLES * CLIP_BYTES_PER_SAMPLE
-    per_pixel = ((n_frames + workers) * _sample_bytes(channels) + 4 * channels + count_bytes * (channels + 1)
-                 + workers * int(render_bytes_per_pixel))
-    budget = int(memory_budget_bytes)
-    pixels = (budget - fixed) // per_pixel if budget > fixed else 0
-    if tile_shape is not None:
-        rows, cols = min(height, int(tile_shape[0])), min(width, int(tile_shape[1]))
-        if rows < 1 or cols < 1:
-            raise ValueError(f"tile_shape must be positive, got {tile_shape}")
-        needed = (rows, cols)
-    else:
-        needed = (min(height, _round_up(min_side, multiple)), min(width, _round_up(min_side, multiple)))
-        side = math.isqrt(max(pixels, 0)) // multiple * multiple
-        if pixels >= height * width:
-            rows, cols = height, width
-        elif side >= width:
-            rows, cols = pixels // width // multiple * multiple, width
-        elif side >= height:
-            rows, cols = height, pixels // height // multiple * multiple
-        else:
-            rows = cols = side
-    if rows * cols > pixels or rows < needed[0] or cols < needed[1]:
-        need = fixed + needed[0] * needed[1] * per_pixel
-        raise ConfigError(
-            f"the memory budget of {budget / 2**20:.0f} MiB is too small to stack {n_frames} frames of "
-            f"{width}x{height} ({channels} channel{'s' if channels > 1 else ''}): a {needed[0]}x{needed[1]} tile "
-            f"needs {math.ceil(need / 2**20)} MiB. Raise --memory-budget (e.g. {math.ceil(need / 2**30)}G) or "
-            f"stack fewer frames"
-        )
-    if tile_shape is None:  # the same number of tiles, evened out
-        rows, cols = _balanced(height, rows, multiple), _balanced(width, cols, multiple)
-    tiles = [(r0, r1, c0, c1) for r0, r1 in _tile_grid(height, rows)
-             for c0, c1 in _tile_grid(width, cols)]
-    return TilePlan(height, width, n_frames, channels, workers, (rows, cols), tiles, per_pixel, fixed,
-                    fixed + rows * cols * per_pixel, budget)
 
 
-def _available_memory() -> int:
-    """Bytes of RAM available now: MemAvailable, lowered by a cgroup (container) limit when one is set."""
-    available = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    if available is None:
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (AttributeError, ValueError, OSError):
-            available = FALLBACK_AVAILABLE
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as f:
-            used = int(f.read().strip())
-        if limit != "max":
-            available = min(available, max(int(limit) - used, 0))
-    except (OSError, ValueError):
-        pass
-    return int(available)
 
 
-def default_memory_budget() -> int:
-    """Default budget: ``DEFAULT_BUDGET_FRACTION`` (50 %) of the available RAM, at most ``DEFAULT_BUDGET_CAP``
-    (1 GiB). The available RAM is /proc/meminfo's MemAvailable (else ``os.sysconf`` free pages, else 4 GiB),
-    lowered to the room left under a cgroup v2 memory limit when there is one."""
-    return int(min(DEFAULT_BUDGET_FRACTION * _available_memory(), DEFAULT_BUDGET_CAP))
 
 
-_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(?:i?b)?|b)?\s*$", re.IGNORECASE)
 
 
-def parse_memory(text: str) -> int:
-    """Bytes from a ``--memory-budget`` value: a number with an optional binary unit.
-
-    ``K``, ``M``, ``G``, ``T`` (also ``KB``/``KiB`` ...; case-insensitive) are powers of 1024; a bare number is
-    bytes. Examples: ``4G`` = 4294967296, ``512M``, ``1.5g``, ``800MiB``.
-
-    Raises
-    ------
-    ConfigError
-        If the text cannot be read or the amount is not positive.
-    """
-    match = _MEMORY_RE.match(str(text))
-    if not match:
-        raise ConfigError(f"--memory-budget {text!r} is not a memory size; use e.g. 4G or 512M")
-    number, unit = float(match.group(1)), (match.group(2) or "").lower()
-    value = number * 1024 ** ("kmgt".index(unit) + 1) if unit else number
-    if not value >= 1:
-        raise ConfigError(f"--memory-budget {text!r} must be at least one byte; use e.g. 4G or 512M")
-    return int(value)
 
 
 # -------------------------------------------------------------------------------------------------- driver
 
-RenderTile = Callable[[int, int, int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
-def stack_tiles(
-    plan: TilePlan,
-    render_tile: RenderTile,
-    n_frames: int,
-    out_shape: tuple[int, int, int],
-    *,
-    frame_weights: Sequence[float] | np.ndarray | None = None,
-    sigma: float = 3.0,
-    sigma_lower: float | None = None,
-    sigma_upper: float | None = None,
-    maxiters: int | None = 5,
-    cenfunc: str = "median",
-    stdfunc: str = "std",
-    executor: Executor | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    clip: Callable[..., None] | None = None,
-    xp: Any = np,
-) -> ClipResult:
-    """Stack frames tile by tile: render every frame's part of a tile, sigma-clip, write the outputs.
-
-    For each tile ``(row0, row1, col0, col1)`` of ``plan``, ``render_tile(k, row0, row1, col0, col1)`` is called
-    for every frame ``k`` and must return ``data`` float32 (C, rows, cols) (or (rows, cols) when C = 1),
-    ``valid`` bool (rows, cols) and ``weight`` float32 (rows, cols) (e.g. a feather taper, >= 0). A sample is
-    valid where ``valid`` is True and all its channels are finite. The renders are copied into one (N, C, P)
-    buffer (with (N, P) valid and weight buffers), allocated once for the largest tile and reused, and clipped as
-    by :func:`sigma_clip_mask_aware` with the shared ``valid`` and ``weight``. Each pixel's result depends only on
-    its own samples, so the output is bit-identical for any plan and executor.
-
-    Parameters
-    ----------
-    plan : TilePlan
-        From :func:`plan_tiles` for this ``out_shape`` and ``n_frames``.
-    render_tile : callable
-        ``render_tile(frame_index, row0, row1, col0, col1) -> (data, valid, weight)``; called from the
-        executor's threads when one is given (it must then be thread-safe). If it has a method
-        ``render_into(frame_index, row0, row1, col0, col1, data, valid, weight)``, that is called instead with
-        the tile buffer's own (C, rows, cols), (rows, cols) and (rows, cols) C-contiguous views to fill (no copy).
-    n_frames : int
-        Number of frames.
-    out_shape : tuple of int
-        (C, H, W) of the output.
-    frame_weights : array-like, optional
-        (N,) per-frame weights of the mean.
-    sigma, sigma_lower, sigma_upper, maxiters, cenfunc, stdfunc
-        As for :func:`sigma_clip_mask_aware`.
-    executor : concurrent.futures.Executor, optional
-        Runs the frame renders and the clipping chunks concurrently (a thread pool); None: the calling thread.
-    progress : callable, optional
-        ``progress(done, n_tiles)`` after each tile.
-    clip : callable, optional
-        The clipping step, called once per tile with the arguments of (and in place of) the NumPy reference
-        step ``_clip_into`` (the default): the tile's (N, C, P) data, (N, 1, P) valid and weight views, the frame
-        weights, the settings, and (C, P) mean, (1, P) coverage and (C, P) rejected views to write. A backend
-        passes its kernel here (``KernelOps.clip_into``: the same decisions, means within float32 rounding). It
-        must give every pixel a result that depends on that pixel's samples only, as the reference does.
-    xp : module, optional
-        Array module of the tile buffers: NumPy (default), or the backend's device module (CuPy) to keep each
-        tile's stack on the GPU, where ``render_into`` renders and ``clip`` clips it; the outputs stay NumPy.
-
-    Returns
-    -------
-    ClipResult
-        ``mean`` float32 (C, H, W); ``coverage`` (H, W): valid frames per pixel; ``rejected`` (C, H, W):
-        rejected samples per channel and pixel (int16, int32 beyond 32767 frames).
-
-    Raises
-    ------
-    ValueError
-        If the plan does not match ``out_shape``/``n_frames`` or a render has the wrong shape.
-    """
-    cfg = _settings(sigma, sigma_lower, sigma_upper, maxiters, cenfunc, stdfunc)
-    channels, height, width = (int(v) for v in out_shape)
-    if (plan.channels, plan.height, plan.width, plan.n_frames) != (channels, height, width, n_frames):
-        raise ValueError(f"the tile plan is for {plan.n_frames} frames of ({plan.channels}, {plan.height}, "
-                         f"{plan.width}), not {n_frames} frames of {tuple(out_shape)}")
-    fw = _check_frame_weights(frame_weights, n_frames)
-    dtype = _count_dtype(n_frames)
-    mean = np.empty((channels, height, width), np.float32)
-    coverage = np.empty((height, width), dtype)
-    rejected = np.empty((channels, height, width), dtype)
-    most = plan.tile_shape[0] * plan.tile_shape[1]
-    data_buf = xp.empty(n_frames * channels * most, xp.float32)
-    valid_buf = xp.empty(n_frames * most, xp.bool_)
-    weight_buf = xp.empty(n_frames * most, xp.float32)
-    tile_mean = np.empty((channels, most), np.float32)
-    tile_coverage = np.empty((1, most), dtype)
-    tile_rejected = np.empty((channels, most), dtype)
-    render_into = getattr(render_tile, "render_into", None)
-
-    for index, (row0, row1, col0, col1) in enumerate(plan.tiles):
-        rows, cols = row1 - row0, col1 - col0
-        n_pix = rows * cols
-        # this tile's (N, C, P), (N, P), (N, P) buffers: contiguous, so each frame's block is a C-order image
-        data_tile = data_buf[:n_frames * channels * n_pix].reshape(n_frames, channels, n_pix)
-        valid_tile = valid_buf[:n_frames * n_pix].reshape(n_frames, n_pix)
-        weight_tile = weight_buf[:n_frames * n_pix].reshape(n_frames, n_pix)
-
-        def fill(k: int) -> None:
-            if render_into is not None:
-                render_into(k, row0, row1, col0, col1, data_tile[k].reshape(channels, rows, cols),
-                            valid_tile[k].reshape(rows, cols), weight_tile[k].reshape(rows, cols))
-                valid_tile[k] &= xp.isfinite(data_tile[k]).all(axis=0)
-                return
-            data, valid, weight = render_tile(k, row0, row1, col0, col1)
-            data = np.asarray(data)
-            if data.shape == (rows, cols) and channels == 1:
-                data = data[None]
-            if data.shape != (channels, rows, cols) or np.shape(valid) != (rows, cols) or \
-                    np.shape(weight) != (rows, cols):
-                raise ValueError(f"render_tile({k}, {row0}, {row1}, {col0}, {col1}) returned shapes {data.shape}, "
-                                 f"{np.shape(valid)}, {np.shape(weight)}; expected ({channels}, {rows}, {cols}) "
-                                 f"and ({rows}, {cols}) twice")
-            finite = np.logical_and(np.reshape(valid, n_pix), np.isfinite(data).all(axis=0).reshape(n_pix))
-            data_tile[k] = xp.asarray(data.reshape(channels, n_pix))
-            valid_tile[k] = xp.asarray(finite)
-            weight_tile[k] = xp.asarray(np.reshape(weight, n_pix))
-
-        _run(executor, fill, range(n_frames))
-        (clip or _clip_into)(
-            data_tile, valid_tile[:, None], weight_tile[:, None], fw, cfg,
-            tile_mean[:, :n_pix], tile_coverage[:, :n_pix], tile_rejected[:, :n_pix], None, executor,
-        )
-        mean[:, row0:row1, col0:col1] = tile_mean[:, :n_pix].reshape(channels, rows, cols)
-        coverage[row0:row1, col0:col1] = tile_coverage[0, :n_pix].reshape(rows, cols)
-        rejected[:, row0:row1, col0:col1] = tile_rejected[:, :n_pix].reshape(channels, rows, cols)
-        if progress is not None:
-            progress(index + 1, len(plan.tiles))
-    return ClipResult(mean, coverage, rejected)
 
 
 # ------------------------------------------------------------------------------------------------ cropping
 
 
-def crop_to_coverage(
-    image: np.ndarray,
-    coverage: np.ndarray,
-    min_fraction: float | None = None,
-    min_count: int | None = None,
-) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Crop to the largest axis-aligned rectangle where the coverage reaches a threshold.
-
-    Parameters
-    ----------
-    image : numpy.ndarray
-        (H, W) or (..., H, W).
-    coverage : numpy.ndarray
-        (H, W) number of frames per pixel.
-    min_fraction : float, optional
-        Threshold as a fraction of ``coverage.max()`` (rounded up to a count); default 1.0 (full coverage).
-    min_count : int, optional
-        Threshold as a frame count (instead of ``min_fraction``).
-
-    Returns
-    -------
-    cropped : numpy.ndarray
-        ``image[..., row0:row1, col0:col1]`` (a view).
-    box : tuple of int
-        ``(row0, row1, col0, col1)``; (0, 0, 0, 0) when no pixel reaches the threshold.
-
-    Notes
-    -----
-    Exact: per row, the DP of the maximal-rectangle problem (histogram method) gives every column's run height
-    ``h`` of qualifying pixels ending on this row and the widest span ``[left, right)`` such a run of height
-    ``h`` allows (the previous row's span narrowed by the nearest failing pixels of this row, from running
-    maximum/minimum of their indices); the best ``h x (right - left)`` over all rows and columns is the largest
-    rectangle. O(H x W), vectorised over each row; the first of equal-area rectangles in row-major order of
-    their bottom-left corner wins.
-    """
-    coverage = np.asarray(coverage)
-    if coverage.ndim != 2 or image.shape[-2:] != coverage.shape:
-        raise ValueError(f"coverage must be (H, W) matching the image's last two axes; got {coverage.shape} "
-                         f"for an image of shape {image.shape}")
-    if min_count is not None and min_fraction is not None:
-        raise ValueError("give min_fraction or min_count, not both")
-    if min_count is None:
-        fraction = 1.0 if min_fraction is None else float(min_fraction)
-        threshold = math.ceil(fraction * float(coverage.max()) - 1e-9) if coverage.size else 0
-    else:
-        threshold = int(min_count)
-    ok = coverage >= threshold
-    height, width = ok.shape
-    cols = np.arange(width)
-    run = np.zeros(width, np.int64)
-    left = np.zeros(width, np.int64)
-    right = np.full(width, width, np.int64)
-    best, box = 0, (0, 0, 0, 0)
-    for row in range(height):
-        good = ok[row]
-        run = np.where(good, run + 1, 0)
-        # nearest failing pixel to the left (+1) and to the right of every column, on this row
-        cur_left = np.maximum.accumulate(np.where(good, 0, cols + 1))
-        cur_right = np.minimum.accumulate(np.where(good, width, cols)[::-1])[::-1]
-        left = np.where(good, np.maximum(left, cur_left), 0)
-        right = np.where(good, np.minimum(right, cur_right), width)
-        area = run * (right - left)
-        j = int(np.argmax(area))
-        if area[j] > best:
-            best = int(area[j])
-            box = (row - int(run[j]) + 1, row + 1, int(left[j]), int(right[j]))
-    r0, r1, c0, c1 = box
-    return image[..., r0:r1, c0:c1], box

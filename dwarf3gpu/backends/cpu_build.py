@@ -1,14 +1,14 @@
-"""The CPU target of the CUDA kernels: ``kernels/*.cu`` compiled as C++ with OpenMP and loaded with ctypes.
+"""The CPU build: ``kernels/*.cu`` compiled as C++ with OpenMP and loaded with ctypes, a launch target.
 
 The kernel files are compiled unchanged, in one translation unit, with ``kernels/cpu_shim.h`` defining the
 CUDA names they use; every entry point gets a launcher ``launch_<name>(gx, gy, gz, bx, by, bz, args...)``,
 generated here from the parsed signature, that runs the grid as an OpenMP loop over blocks. The library is
-built once per source hash into the user cache (``$XDG_CACHE_HOME/dwarf3gpu/native/<hash>/kernels.so``,
+built once per source hash into the user cache (``$XDG_CACHE_HOME/dwarf3gpu/cpu-build/<hash>/kernels.so``,
 default ``~/.cache``), atomically, so concurrent processes never see a partial file.
 
 It is both a fast CPU fallback and the oracle that tests the GPU kernels' exact logic on machines without a
-GPU. :meth:`NativeKernels.launch` checks every argument against the C signature the way a CuPy launch must
-be checked (:func:`dwarf3gpu.backends.kernels.check_args`).
+GPU. :meth:`CpuBuildTarget.launch` checks every argument against the C signature the way a CuPy launch must
+be checked (:func:`dwarf3gpu.backends.kernel_source.check_args`).
 """
 
 from __future__ import annotations
@@ -26,19 +26,20 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import BackendUnavailableError
-from . import kernels
-from .kernel_ops import KernelOps
+from ..clip import ClipSettings
+from ..resources import default_memory_budget
+from . import kernel_source
 
 __all__ = [
     "CXX_FLAGS",
-    "NativeKernels",
+    "CpuBuildTarget",
+    "CLIP_KERNEL_MAX_FRAMES",
     "cache_root",
     "find_compiler",
     "generate_launchers",
     "build",
     "load",
     "unavailable_reason",
-    "native_ops",
 ]
 
 CXX_FLAGS = ("-x", "c++", "-std=c++17", "-O3", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared",
@@ -67,9 +68,9 @@ extern "C" void launch_{name}(unsigned int gx, unsigned int gy, unsigned int gz,
 
 
 def cache_root() -> Path:
-    """Folder of the CPU builds: ``$XDG_CACHE_HOME/dwarf3gpu/native`` (default ``~/.cache/dwarf3gpu/native``)."""
+    """Folder of the CPU builds: ``$XDG_CACHE_HOME/dwarf3gpu/cpu-build`` (default ``~/.cache/dwarf3gpu/cpu-build``)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dwarf3gpu" / "native"
+    return Path(base) / "dwarf3gpu" / "cpu-build"
 
 
 def find_compiler() -> str | None:
@@ -87,13 +88,13 @@ def _compiler_version(compiler: str) -> str:
     return (result.stdout or result.stderr).splitlines()[0] if (result.stdout or result.stderr) else compiler
 
 
-def generate_launchers(signatures: dict[str, kernels.Signature], files: Sequence[Path]) -> str:
+def generate_launchers(signatures: dict[str, kernel_source.Signature], files: Sequence[Path]) -> str:
     """The C++ translation unit of the CPU build: the shim, every kernel file, then one launcher per kernel.
 
     Parameters
     ----------
     signatures : dict
-        Kernel name -> signature (:func:`dwarf3gpu.backends.kernels.load_signatures`).
+        Kernel name -> signature (:func:`dwarf3gpu.backends.kernel_source.load_signatures`).
     files : sequence of pathlib.Path
         The ``.cu`` files, included in this order.
 
@@ -117,7 +118,7 @@ def build(directory: Path | None = None, root: Path | None = None) -> Path:
     Parameters
     ----------
     directory : pathlib.Path, optional
-        Kernel sources (default :func:`dwarf3gpu.backends.kernels.kernel_dir`).
+        Kernel sources (default :func:`dwarf3gpu.backends.kernel_source.kernel_dir`).
     root : pathlib.Path, optional
         Cache folder (default :func:`cache_root`).
 
@@ -132,13 +133,13 @@ def build(directory: Path | None = None, root: Path | None = None) -> Path:
     BackendUnavailableError
         No C++ compiler, or the compilation failed (the compiler's messages are in the error).
     """
-    directory = Path(directory or kernels.kernel_dir()).resolve()
+    directory = Path(directory or kernel_source.kernel_dir()).resolve()
     compiler = find_compiler()
     if compiler is None:
         raise BackendUnavailableError("no C++ compiler found (set CXX or install g++) to build the CPU kernels")
-    files = kernels.kernel_files(directory)
-    source = generate_launchers(kernels.load_signatures(directory), files)
-    key = kernels.sources_hash(directory, extra="\0".join([_compiler_version(compiler), *CXX_FLAGS, source]))
+    files = kernel_source.kernel_files(directory)
+    source = generate_launchers(kernel_source.load_signatures(directory), files)
+    key = kernel_source.sources_hash(directory, extra="\0".join([_compiler_version(compiler), *CXX_FLAGS, source]))
     target = Path(root or cache_root()) / key[:24]
     library = target / _LIBRARY
     if library.is_file():
@@ -158,8 +159,15 @@ def build(directory: Path | None = None, root: Path | None = None) -> Path:
     return library
 
 
-class NativeKernels:
-    """The loaded CPU build: launch kernels by name with checked arguments.
+#: Most frames per tile the CPU build's clip kernel takes: up to these counts it measured faster than the NumPy
+#: reference on one core (benchmarks/RESULTS.md, bench_kernels). The kernel's time is its per-pixel gather and
+#: sort whatever the options; NumPy sorts many pixels at once with SIMD and pays most for the MAD, so with a std
+#: spread or a mean centre it catches up at fewer frames.
+CLIP_KERNEL_MAX_FRAMES = {"median/mad_std": 256, "other": 128}
+
+
+class CpuBuildTarget:
+    """The loaded CPU build, a launch target: kernels run by name with checked arguments, on NumPy arrays.
 
     Parameters
     ----------
@@ -169,7 +177,10 @@ class NativeKernels:
         Kernel name -> signature of the sources it was built from.
     """
 
-    def __init__(self, library: Path, signatures: dict[str, kernels.Signature]):
+    name = "cpu"
+    xp = np
+
+    def __init__(self, library: Path, signatures: dict[str, kernel_source.Signature]):
         self.path = Path(library)
         self.signatures = signatures
         self._lib = ctypes.CDLL(str(self.path))
@@ -182,6 +193,25 @@ class NativeKernels:
             function.restype = None
             self._functions[name] = function
         self._lib.d3_set_num_threads.argtypes = [ctypes.c_int]
+
+    def to_host(self, array: np.ndarray) -> np.ndarray:
+        """``array`` itself (the build runs on the host)."""
+        return np.asarray(array)
+
+    def memory_budget(self) -> int:
+        """See :func:`dwarf3gpu.resources.default_memory_budget` (a share of the available RAM)."""
+        return default_memory_budget()
+
+    def describe(self) -> dict[str, Any]:
+        """Processor, NumPy and OpenCV versions and the library."""
+        import cv2
+
+        return {"name": self.name, "device": platform.processor() or platform.machine(), "numpy": np.__version__,
+                "opencv": cv2.__version__, "cpu_build": self.path.parent.name}
+
+    def clip_kernel_max_frames(self, settings: ClipSettings) -> int:
+        """See :data:`CLIP_KERNEL_MAX_FRAMES` (beyond, the NumPy reference clips faster)."""
+        return CLIP_KERNEL_MAX_FRAMES["median/mad_std" if settings.median and settings.mad_std else "other"]
 
     def set_threads(self, n: int) -> None:
         """Use ``n`` OpenMP threads per launch (0: OpenMP's default, ``OMP_NUM_THREADS`` or every core)."""
@@ -198,7 +228,7 @@ class NativeKernels:
             1 to 3 positive sizes each (x, y, z).
         *args
             The kernel's arguments: NumPy scalars of exactly the C types, C-contiguous NumPy arrays of the
-            pointee dtypes (see :func:`dwarf3gpu.backends.kernels.check_args`).
+            pointee dtypes (see :func:`dwarf3gpu.backends.kernel_source.check_args`).
 
         Raises
         ------
@@ -212,7 +242,7 @@ class NativeKernels:
         if name not in self.signatures:
             raise KeyError(f"unknown kernel {name!r}; known: {', '.join(sorted(self.signatures))}")
         sig = self.signatures[name]
-        kernels.check_args(sig, args, np.ndarray)
+        kernel_source.check_args(sig, args, np.ndarray)
         dims = [_dims(grid, "grid"), _dims(block, "block")]
         values = [a.ctypes.data if p.pointer else a.item() for p, a in zip(sig.params, args)]
         self._functions[name](*dims[0], *dims[1], *values)
@@ -226,16 +256,16 @@ def _dims(sizes: Sequence[int], what: str) -> tuple[int, int, int]:
     return sizes + (1,) * (3 - len(sizes))
 
 
-_LOADED: dict[Path, NativeKernels] = {}
+_LOADED: dict[Path, CpuBuildTarget] = {}
 
 
-def load(directory: Path | None = None, root: Path | None = None) -> NativeKernels:
+def load(directory: Path | None = None, root: Path | None = None) -> CpuBuildTarget:
     """Build (when needed) and load the CPU kernels; memoized per library file.
 
     Parameters
     ----------
     directory : pathlib.Path, optional
-        Kernel sources (default :func:`dwarf3gpu.backends.kernels.kernel_dir`).
+        Kernel sources (default :func:`dwarf3gpu.backends.kernel_source.kernel_dir`).
     root : pathlib.Path, optional
         Cache folder (default :func:`cache_root`).
 
@@ -244,10 +274,10 @@ def load(directory: Path | None = None, root: Path | None = None) -> NativeKerne
     BackendUnavailableError
         No sources, no compiler, or the build failed.
     """
-    directory = Path(directory or kernels.kernel_dir()).resolve()
+    directory = Path(directory or kernel_source.kernel_dir()).resolve()
     library = build(directory, root)
     if library not in _LOADED:
-        _LOADED[library] = NativeKernels(library, kernels.load_signatures(directory))
+        _LOADED[library] = CpuBuildTarget(library, kernel_source.load_signatures(directory))
     return _LOADED[library]
 
 
@@ -258,15 +288,3 @@ def unavailable_reason(directory: Path | None = None, root: Path | None = None) 
     except BackendUnavailableError as exc:
         return str(exc)
     return ""
-
-
-def native_ops(directory: Path | None = None, root: Path | None = None) -> KernelOps:
-    """The stage operations (decode, debayer, warp, sigma clip, statistics) on the CPU build.
-
-    Raises
-    ------
-    BackendUnavailableError
-        See :func:`load`.
-    """
-    native = load(directory, root)
-    return KernelOps(native.launch, np, kernels.define_value("D3_CLIP_MAX_FRAMES", directory))
