@@ -49,7 +49,7 @@ from dwarf3gpu.simulate import SimulationConfig, simulate_session  # noqa: E402
 from dwarf3gpu.stars import StarList, detect_stars, luminance_proxy  # noqa: E402
 
 TARGET_S = 0.25
-"""Target of the issue: seconds per frame per core for the whole measure-and-match path."""
+"""Target: seconds per frame per core for the whole measure-and-match path."""
 
 
 def _size(text: str) -> tuple[int, int]:

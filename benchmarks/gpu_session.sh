@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks of issue 5 in two calls of the lent GPU machine (see the developers' guide and
-# /work/.library/device/README.md). That machine has CuPy, OpenCV, SciPy, Typer, Rich and pytest but not astropy,
-# astroalign or sep: fetch those wheels here first, then carry them:
+# GPU checks and benchmarks of dwarf3gpu on a machine with an NVIDIA GPU, in two steps. From the repository root:
 #
-#   echo /.whl/ >> .git/info/exclude; ../shared/tools/gpu-wheels.sh .whl
-#   run(command="bash benchmarks/gpu_session.sh checks", carry=[".whl"])    # about 3-5 minutes
-#   run(command="bash benchmarks/gpu_session.sh stack", carry=[".whl"])     # 500 full-size frames end to end
+#   bash benchmarks/gpu_session.sh checks   # about 3-5 minutes
+#   bash benchmarks/gpu_session.sh stack    # 500 full-size frames end to end
 #
-# `checks`: doctor (versions, GPU, every kernel compiled), the GPU tests (every kernel through CuPy against the
-# NumPy reference, the CUDA pipeline against the CPU master), bench_kernels.py (CUDA rows: kernel time, bytes per
-# second against the memory-bandwidth roofline). `stack`: bench_stack.py with 500 lights on the CUDA backend
-# (simulation not timed). Everything printed and every result JSON is copied to $OUT (the device tool brings it
-# back); record the numbers with the card's name in benchmarks/RESULTS.md.
+# `checks`: `dwarf3 doctor` (versions, GPU, every kernel compiled for every target), the GPU tests (every kernel
+# through CuPy against the NumPy reference, the CUDA pipeline against the CPU master), and bench_kernels.py with its
+# CUDA rows (kernel time, bytes per second against the memory-bandwidth roofline). `stack`: bench_stack.py with 500
+# simulated lights on the CUDA backend (the simulation is not timed).
+#
+# Needs CuPy with NVRTC (`pip install '.[cuda12]'` or `'.[cuda13]'`), OpenCV, SciPy, Typer, Rich and pytest. On a
+# machine without network access, put the wheels it lacks (astropy, pyerfa, astropy-iers-data, pyyaml, astroalign,
+# sep) in .whl/ beforehand, e.g. `pip download --no-deps --only-binary=:all: -d .whl astropy pyerfa
+# astropy-iers-data pyyaml astroalign sep` (add --python-version and --platform to match that machine; keep .whl/
+# out of git, e.g. in .git/info/exclude): the script installs them into /tmp/site without a network.
+#
+# Everything printed, nvidia-smi's output and every result JSON go to $OUT (default ./gpu-out). Record the numbers
+# with the card's name in benchmarks/RESULTS.md.
 set -uo pipefail
 step=${1:?usage: gpu_session.sh checks|stack}
 out=${OUT:-gpu-out}
