@@ -30,7 +30,6 @@ from dwarf3gpu.fitsio import read_fits, read_raw_uint16, write_raw_uint16
 from dwarf3gpu.pipeline import stack_session
 from dwarf3gpu.session import discover
 
-from .conftest import hash_tree, realdata
 
 SIM = simulate.SimulationConfig(
     n_frames=8, width=384, height=256, mode="eq", drift_px_per_hour=0.0, jitter_px=0.0, n_failed=0, n_cloudy=0,
@@ -49,7 +48,7 @@ def _master(result) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory):
+def session(tmp_path_factory, hash_tree):
     """(simulation, truth, output root, rawData hash before stacking, results): ``results[dark]`` is (StackResult,
     master, manifest, report.json) of the runs with ``dark="auto"`` and ``"none"``, read right after each run."""
     root = tmp_path_factory.mktemp("calibrate")
@@ -121,7 +120,7 @@ def test_manifest_and_report_record_the_dark(session):
     assert none["used"] is False and none["reason"] == "--dark none"
 
 
-def test_cache_and_session_folder(session):
+def test_cache_and_session_folder(session, hash_tree):
     """The master dark is cached under <out>/cache/calibration/; the two runs did not share a stack cache; nothing
     was written under rawData (session and dark folders)."""
     sim, _, root, before, results = session
@@ -309,7 +308,7 @@ def test_cli_dark_option(session, tmp_path):
     assert "no such file" in " ".join(res.output.split())
 
 
-def test_hot_pixels_from_real_seestar_lights_are_lone_and_persistent():
+def test_hot_pixels_from_real_seestar_lights_are_lone_and_persistent(realdata):
     """Real lights (Seestar S50, GRBG, 6 frames, no dark; 3 hot pixels found): every flagged pixel stands above its
     same-colour neighbours' median by the search threshold in EVERY single light, as a pixel fixed on the sensor
     does and a star drifting through would not."""

@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from dwarf3gpu import __version__
 from dwarf3gpu.cli import app
 
-from .conftest import hash_tree, realdata
 
 runner = CliRunner()
 
@@ -47,7 +46,7 @@ def test_missing_session_is_a_clear_error(tmp_path):
     assert "session folder not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_frames_json_on_real_frames_and_nothing_written():
+def test_frames_json_on_real_frames_and_nothing_written(hash_tree, realdata):
     folder = realdata("seestar_m94_s2")
     before = hash_tree(folder)
     result = runner.invoke(app, ["frames", str(folder), "--json"])

@@ -20,47 +20,8 @@ from dwarf3gpu.color import (
 )
 from dwarf3gpu.errors import ConfigError, Dwarf3Error
 
-#: Raw (un-white-balanced) colour of a sun-like star relative to green, as in dwarf3gpu.simulate.
-RAW_R_OVER_G, RAW_B_OVER_G = 0.62, 0.78
-SKY = (320.0, 500.0, 260.0)
 
-
-def synthetic_sky(
-    height: int = 300,
-    width: int = 400,
-    n_stars: int = 250,
-    sky: tuple[float, float, float] = SKY,
-    noise: float = 8.0,
-    seed: int = 1,
-) -> np.ndarray:
-    """Linear float32 (3, H, W) image: coloured sky + Gaussian noise + Gaussian stars with a green-heavy raw response.
-
-    Star colours follow the simulator's B-V model: ``R/G = 0.62 x 10^(0.24 (B-V - 0.65))``, ``B/G = 0.78 x
-    10^(-0.36 (B-V - 0.65))`` with ``B-V ~ N(0.65, 0.35)``, so the median star has R/G = 0.62 and B/G = 0.78.
-    """
-    rng = np.random.default_rng(seed)
-    img = np.empty((3, height, width), np.float64)
-    img[:] = np.asarray(sky)[:, None, None]
-    bv = np.clip(rng.normal(0.65, 0.35, n_stars), -0.3, 1.8)
-    colours = np.stack(
-        [RAW_R_OVER_G * 10 ** (0.24 * (bv - 0.65)), np.ones(n_stars), RAW_B_OVER_G * 10 ** (-0.36 * (bv - 0.65))]
-    )
-    flux = 10 ** rng.uniform(3.0, 5.3, n_stars)
-    xs = rng.uniform(8, width - 8, n_stars)
-    ys = rng.uniform(8, height - 8, n_stars)
-    sigma = 1.2
-    offsets = np.arange(-7, 8)
-    for k in range(n_stars):
-        x0, y0 = int(xs[k]), int(ys[k])
-        dx = (x0 + offsets - xs[k])[None, :]
-        dy = (y0 + offsets - ys[k])[:, None]
-        psf = np.exp(-(dx**2 + dy**2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
-        img[:, y0 - 7 : y0 + 8, x0 - 7 : x0 + 8] += flux[k] * colours[:, k, None, None] * psf
-    img += rng.normal(0.0, noise, img.shape)
-    return img.astype(np.float32)
-
-
-def true_background_after(cal: ColorCalibration, sky=SKY) -> np.ndarray:
+def true_background_after(cal: ColorCalibration, sky) -> np.ndarray:
     """Where the true sky level of each channel lands after the calibration."""
     return np.asarray(cal.gains) * np.asarray(sky) + np.asarray(cal.offsets)
 
@@ -68,18 +29,19 @@ def true_background_after(cal: ColorCalibration, sky=SKY) -> np.ndarray:
 # --- background-neutral white balance -------------------------------------------------------------------------------
 
 
-def test_white_balance_neutralises_cast_and_sky():
+def test_white_balance_neutralises_cast_and_sky(synthetic_sky, sky_levels, raw_star_colour):
+    r_over_g, b_over_g = raw_star_colour
     img = synthetic_sky()
     cal = background_neutral_gains(img)
     assert cal.method == "background+white"
     assert cal.gains[1] == 1.0 and cal.offsets[1] == 0.0
-    np.testing.assert_allclose(cal.background, SKY, rtol=0.01)
+    np.testing.assert_allclose(cal.background, sky_levels, rtol=0.01)
     np.testing.assert_allclose(cal.noise, 8.0, rtol=0.05)
     # The median star becomes white: gains are the inverse of its raw colour.
-    np.testing.assert_allclose(cal.gains, [1 / RAW_R_OVER_G, 1.0, 1 / RAW_B_OVER_G], rtol=0.03)
+    np.testing.assert_allclose(cal.gains, [1 / r_over_g, 1.0, 1 / b_over_g], rtol=0.03)
     # The sky is neutral afterwards, at the green level (true sky, not the estimate).
-    after = true_background_after(cal)
-    np.testing.assert_allclose(after, SKY[1], rtol=0.01)
+    after = true_background_after(cal, sky_levels)
+    np.testing.assert_allclose(after, sky_levels[1], rtol=0.01)
     # ... and so is the measured background of the calibrated image.
     calibrated = apply_color_calibration(img, cal)
     again = background_neutral_gains(calibrated)
@@ -87,7 +49,7 @@ def test_white_balance_neutralises_cast_and_sky():
     np.testing.assert_allclose(again.gains, 1.0, rtol=1e-4)
 
 
-def test_white_balance_ignores_nan_and_leaves_input_alone():
+def test_white_balance_ignores_nan_and_leaves_input_alone(synthetic_sky, sky_levels):
     img = synthetic_sky()
     img[:, :, :60] = np.nan
     img[1, 100:120, 200:260] = np.nan
@@ -95,26 +57,27 @@ def test_white_balance_ignores_nan_and_leaves_input_alone():
     cal = background_neutral_gains(img)
     assert np.array_equal(img, before, equal_nan=True)
     assert all(np.isfinite(cal.gains)) and all(np.isfinite(cal.offsets))
-    np.testing.assert_allclose(true_background_after(cal), SKY[1], rtol=0.01)
+    np.testing.assert_allclose(true_background_after(cal, sky_levels), sky_levels[1], rtol=0.01)
     out = apply_color_calibration(img, cal)
     assert np.array_equal(np.isnan(out), np.isnan(img))
 
 
-def test_white_balance_without_bright_sources_equalises_background_only():
+def test_white_balance_without_bright_sources_equalises_background_only(sky_levels):
     rng = np.random.default_rng(3)
-    img = (np.asarray(SKY)[:, None, None] + rng.normal(0, 5.0, (3, 200, 200))).astype(np.float32)
+    img = (np.asarray(sky_levels)[:, None, None] + rng.normal(0, 5.0, (3, 200, 200))).astype(np.float32)
     cal = background_neutral_gains(img)
     assert cal.method == "background"
     assert cal.gains == (1.0, 1.0, 1.0)
-    np.testing.assert_allclose(true_background_after(cal), SKY[1], rtol=0.01)
+    np.testing.assert_allclose(true_background_after(cal, sky_levels), sky_levels[1], rtol=0.01)
 
 
-def test_white_balance_excludes_saturated_pixels():
+def test_white_balance_excludes_saturated_pixels(synthetic_sky, raw_star_colour):
+    r_over_g, b_over_g = raw_star_colour
     img = synthetic_sky()
     # A block of saturated (clipped, white) pixels would pull the white reference towards grey.
     img[:, 20:80, 20:80] = 60000.0
     cal = background_neutral_gains(img, saturation=59000.0)
-    np.testing.assert_allclose(cal.gains, [1 / RAW_R_OVER_G, 1.0, 1 / RAW_B_OVER_G], rtol=0.03)
+    np.testing.assert_allclose(cal.gains, [1 / r_over_g, 1.0, 1 / b_over_g], rtol=0.03)
 
 
 def test_white_balance_needs_data():
@@ -122,7 +85,7 @@ def test_white_balance_needs_data():
         background_neutral_gains(np.full((3, 50, 50), np.nan, np.float32))
 
 
-def test_calibration_json_and_header_round_trip():
+def test_calibration_json_and_header_round_trip(synthetic_sky):
     cal = background_neutral_gains(synthetic_sky())
     assert ColorCalibration.from_json(json.loads(json.dumps(cal.to_json()))) == cal
     manual = ColorCalibration.from_json({"gains": [1.5, 1, 1.2], "offsets": [0, 0, 0]})
@@ -148,8 +111,8 @@ def test_apply_color_calibration_formula():
 # --- Bayer-green compensation ----------------------------------------------------------------------------------------
 
 
-def test_bayer_compensation_explicit_gains_are_pure_scaling():
-    img = synthetic_sky() - np.asarray(SKY, np.float32)[:, None, None]
+def test_bayer_compensation_explicit_gains_are_pure_scaling(synthetic_sky, sky_levels):
+    img = synthetic_sky() - np.asarray(sky_levels, np.float32)[:, None, None]
     img[:, 0, 0] = 0.0
     before = img.copy()
     out = apply_bayer_compensation(img, gains=(1.6, 1.0, 1.3))
@@ -160,7 +123,7 @@ def test_bayer_compensation_explicit_gains_are_pure_scaling():
     np.testing.assert_allclose(out[2], 1.3 * img[2], rtol=1e-6)
 
 
-def test_bayer_compensation_default_uses_measured_gains():
+def test_bayer_compensation_default_uses_measured_gains(synthetic_sky):
     img = synthetic_sky()
     out = apply_bayer_compensation(img)
     gains = background_neutral_gains(img).gains

@@ -16,6 +16,7 @@ from dwarf3gpu.debayer import (
 )
 from dwarf3gpu.register import apply_transform
 
+#: Parametrisation values (collection time; the ``bayer_patterns`` fixture holds the same four layouts).
 PATTERNS = ("RGGB", "GRBG", "GBRG", "BGGR")
 
 # OpenCV names a Bayer layout after the 2x2 block starting at pixel (1, 1), so RGGB data needs
@@ -27,17 +28,6 @@ CV2_CODES = {
     "BGGR": cv2.COLOR_BayerRG2RGB,
 }
 COLOUR = (1234.0, 40321.0, 777.0)
-
-
-def mosaic_of(rgb: np.ndarray, pattern: str, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
-    """Sample a (3, H, W) scene through the CFA of a frame, for an array at ``origin`` in it."""
-    offsets = bayer_offsets(pattern)
-    out = np.zeros(rgb.shape[1:], rgb.dtype)
-    for k, colour in enumerate("RGB"):
-        for r, c in offsets[colour]:
-            r0, c0 = (r - origin[0]) % 2, (c - origin[1]) % 2
-            out[r0::2, c0::2] = rgb[k, r0::2, c0::2]
-    return out
 
 
 def uniform(shape: tuple[int, int], colour=COLOUR) -> np.ndarray:
@@ -70,7 +60,7 @@ def test_bayer_offsets():
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("origin", [(0, 0), (0, 1), (1, 0), (1, 1), (6, 3)])
-def test_uniform_colour_is_exact_bilinear(pattern, origin):
+def test_uniform_colour_is_exact_bilinear(pattern, origin, mosaic_of):
     mosaic = mosaic_of(uniform((11, 14)), pattern, origin)
     out = debayer_bilinear(mosaic, pattern, origin=origin)
     assert out.dtype == np.float32 and out.shape == (3, 11, 14)
@@ -79,7 +69,7 @@ def test_uniform_colour_is_exact_bilinear(pattern, origin):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_uniform_colour_is_exact_superpixel(pattern):
+def test_uniform_colour_is_exact_superpixel(pattern, mosaic_of):
     mosaic = mosaic_of(uniform((11, 14)), pattern)
     out = debayer_superpixel(mosaic, pattern)
     assert out.dtype == np.float32 and out.shape == (3, 5, 7)
@@ -115,7 +105,7 @@ def test_interior_is_bilinear_interpolation():
     assert out[1, 0, 0] == np.float32((m[0, 1] + m[1, 0]) / 2)
 
 
-def test_linear_ramp_is_exact_inside():
+def test_linear_ramp_is_exact_inside(mosaic_of):
     y, x = np.mgrid[0:20, 0:24]
     ramp = (4 * x + 8 * y + 100).astype(np.float32)
     out = debayer_bilinear(mosaic_of(np.stack([ramp] * 3), "GBRG"), "GBRG")
@@ -137,14 +127,14 @@ def test_band_with_margin_is_bit_identical_to_full_frame(pattern):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_opencv_codes_pinned_by_colour_patch(pattern):
+def test_opencv_codes_pinned_by_colour_patch(pattern, mosaic_of):
     mosaic = mosaic_of(uniform((8, 10), (100.0, 200.0, 300.0)), pattern).astype(np.uint16)
     rgb = cv2.cvtColor(mosaic, CV2_CODES[pattern])
     assert np.all(rgb[2:-2, 2:-2] == np.array([100, 200, 300], np.uint16))
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_matches_opencv_bilinear_inside(pattern):
+def test_matches_opencv_bilinear_inside(pattern, mosaic_of):
     """OpenCV's uint16 bilinear demosaic agrees within its integer rounding (0.5 ADU) off the 1-px border."""
     mosaic = np.round(mosaic_of(smooth_scene(96, 128), pattern)).astype(np.uint16)
     ours = debayer_bilinear(mosaic, pattern)
@@ -152,11 +142,11 @@ def test_matches_opencv_bilinear_inside(pattern):
     assert np.abs(ours - theirs)[:, 1:-1, 1:-1].max() <= 0.5
 
 
-def test_superpixel_centre_and_transform():
+def test_superpixel_centre_and_transform(bayer_patterns, mosaic_of):
     """A linear ramp sampled through the CFA: superpixel G is the ramp at (2j + 0.5, 2i + 0.5)."""
     y, x = np.mgrid[0:10, 0:14]
     ramp = (3 * x + 5 * y).astype(np.float32)
-    for pattern in PATTERNS:
+    for pattern in bayer_patterns:
         g = debayer_superpixel(mosaic_of(np.stack([ramp] * 3), pattern), pattern)[1]
         i, j = np.mgrid[0:5, 0:7]
         assert np.array_equal(g, 3 * (2 * j + 0.5) + 5 * (2 * i + 0.5))
@@ -197,7 +187,7 @@ def correlated_scene(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("origin", [(0, 0), (0, 1), (1, 0), (1, 1), (6, 3)])
-def test_uniform_colour_is_exact_mhc(pattern, origin):
+def test_uniform_colour_is_exact_mhc(pattern, origin, mosaic_of):
     """Colour patches: exact everywhere, the bilinear border included, for every pattern and band phase."""
     for shape in ((11, 14), (5, 5), (23, 18)):
         mosaic = mosaic_of(uniform(shape), pattern, origin)
@@ -252,7 +242,7 @@ def test_mhc_band_with_margin_is_bit_identical_to_full_frame(pattern):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_mhc_linear_ramp_exact_and_smooth_scene_closer_than_bilinear(pattern):
+def test_mhc_linear_ramp_exact_and_smooth_scene_closer_than_bilinear(pattern, mosaic_of):
     """Independent linear ramps per channel are exact off the border; on a scene of correlated colours (one
     luminance, constant colour differences) MHC's RMS error is below 0.85 x bilinear's in every channel."""
     y, x = np.mgrid[0:20, 0:24]

@@ -23,9 +23,6 @@ from dwarf3gpu.backends import CpuBackend, native
 from dwarf3gpu.backends.kernel_ops import KernelOps
 from dwarf3gpu.backends.kernels import define_value
 from dwarf3gpu.config import StackConfig
-from dwarf3gpu.simulate import simulate_session
-
-from .test_stack_session import BIG_BUDGET, SMALL
 
 
 class DeviceArray(np.ndarray):
@@ -76,14 +73,15 @@ class DeviceFlowBackend(CpuBackend):
 
     name = "device-standin"
 
-    def __init__(self):
+    def __init__(self, memory_budget: int):
         super().__init__()
+        self._memory_budget = memory_budget
         kernels = native.load()
         self.xp = _device_module()
         self.device_ops = KernelOps(kernels.launch, self.xp, define_value("D3_CLIP_MAX_FRAMES"))
 
     def memory_budget(self) -> int:
-        return BIG_BUDGET
+        return self._memory_budget
 
     def warp_lattice(self, mosaic, pattern, matrix, out_shape, out=None, **kwargs):
         if out is None:  # a single render (the reference frame's noise): host arrays, as CudaBackend returns
@@ -106,14 +104,9 @@ def test_the_standin_refuses_to_mix_host_and_device():
     assert isinstance(device, DeviceArray) and float(xp.sum(device)) == 4.0
 
 
-@pytest.fixture(scope="module")
-def small_session(tmp_path_factory):
-    return simulate_session(tmp_path_factory.mktemp("device_flow"), SMALL)
-
-
 @pytest.mark.parametrize("settings", [{}, {"demosaic": "bilinear"}, {"debayer": "none"}],
                          ids=["lattice", "bilinear", "cfa"])
-def test_device_resident_tiles_give_the_cpu_master(small_session, settings, tmp_path, monkeypatch):
+def test_device_resident_tiles_give_the_cpu_master(small_session, big_budget, settings, tmp_path, monkeypatch):
     """The default path renders into the device tile (every render counted); the other paths render on the host
     and are copied into it; all give the CPU backend's outputs bit for bit over several tiles."""
     try:
@@ -123,7 +116,7 @@ def test_device_resident_tiles_give_the_cpu_master(small_session, settings, tmp_
     sim = small_session
     config = StackConfig(memory_budget=48 << 20, **settings)  # several tiles
     cpu = pipeline.stack_session(sim.session_dir, tmp_path / "cpu", config, workers=2, use_cache=False)
-    backend = DeviceFlowBackend()
+    backend = DeviceFlowBackend(memory_budget=big_budget)
     monkeypatch.setattr(pipeline, "get_backend", lambda *a, **k: backend)
     dev = pipeline.stack_session(sim.session_dir, tmp_path / "dev", config, workers=2, use_cache=False)
     lattice = not settings

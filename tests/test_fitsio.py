@@ -9,8 +9,6 @@ from astropy.io import fits
 from dwarf3gpu.errors import FitsReadError
 from dwarf3gpu.fitsio import read_fits, read_header, read_layout, read_raw_uint16, write_fits, write_raw_uint16
 
-from .conftest import realdata
-
 
 @pytest.fixture
 def raw_frame(tmp_path):
@@ -146,7 +144,7 @@ def test_layout_offsets_match_astropy(raw_frame):
     assert layout.shape == (37, 53) and layout.is_raw_uint16
 
 
-def test_real_seestar_frame_matches_astropy():
+def test_real_seestar_frame_matches_astropy(realdata):
     path = sorted(realdata("seestar_m94_s2").glob("*.fit"))[0]
     fast, header = read_fits(path)
     with fits.open(path) as hdul:
@@ -156,10 +154,8 @@ def test_real_seestar_frame_matches_astropy():
     np.testing.assert_array_equal(fast, reference)
 
 
-def test_raw_writer_reproduces_the_real_device_header(tmp_path):
+def test_raw_writer_reproduces_the_real_device_header(tmp_path, header_from_dump, realdata):
     """Written with the real DWARF 3 light header, the file's header equals the dump card for card."""
-    from .conftest import header_from_dump
-
     dump = header_from_dump(realdata("dwarf3_reference_text", "typ-light_IC434.txt"))
     path = write_raw_uint16(np.zeros((2180, 3856), np.uint16), tmp_path / "light.fits", dump)
     written = read_header(path)

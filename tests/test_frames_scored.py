@@ -40,7 +40,6 @@ from dwarf3gpu.session import discover
 from dwarf3gpu.simulate import SimulationConfig, simulate_session
 from dwarf3gpu.stars import detect_stars
 
-from .conftest import hash_tree, realdata
 
 runner = CliRunner()
 
@@ -219,7 +218,7 @@ def test_hot_pixels_are_never_stars(name, request):
 # -------------------------------------------------------------------------------------------------- real data
 
 
-def test_real_seestar_frames_all_register_across_the_jump(tmp_path):
+def test_real_seestar_frames_all_register_across_the_jump(tmp_path, hash_tree, realdata):
     folder = realdata("seestar_m94_s2")
     before = hash_tree(folder)
     session = discover(folder)
@@ -329,7 +328,7 @@ def test_caches(tmp_path_factory, monkeypatch):
 # ------------------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_json_structure_and_caches_under_out(small, tmp_path):
+def test_cli_json_structure_and_caches_under_out(small, tmp_path, hash_tree):
     before = hash_tree(small.session_dir)
     out = tmp_path / "root"
     result = runner.invoke(app, ["frames", str(small.session_dir), "--scored", "--json", "--workers", "1",
@@ -376,7 +375,7 @@ def test_cli_json_structure_and_caches_under_out(small, tmp_path):
     assert hash_tree(small.session_dir) == before
 
 
-def test_cli_keep_and_save(small, tmp_path):
+def test_cli_keep_and_save(small, tmp_path, hash_tree):
     before = hash_tree(small.session_dir)
     out, saved = tmp_path / "root", tmp_path / "list.txt"
     n = len(small.lights)
@@ -395,7 +394,7 @@ def test_cli_keep_and_save(small, tmp_path):
     assert hash_tree(small.session_dir) == before
 
 
-def test_cli_table_shows_metrics_score_and_decision(small, tmp_path):
+def test_cli_table_shows_metrics_score_and_decision(small, tmp_path, hash_tree):
     before = hash_tree(small.session_dir)
     result = runner.invoke(app, ["frames", str(small.session_dir), "--scored", "--keep", "0.5", "--workers", "1",
                                  "--out", str(tmp_path / "root")], terminal_width=200)

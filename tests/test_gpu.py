@@ -32,7 +32,6 @@ from .test_kernels import (  # noqa: F401  (collected here again, with the GPU `
     test_warp_lattice_bands_and_edges,
     test_warp_lattice_bit_identical,
 )
-from .test_stack_session import BIG_BUDGET, SMALL
 
 pytestmark = pytest.mark.gpu
 
@@ -90,11 +89,11 @@ def test_launch_checks_argument_types_on_gpu(gpu):
                    np.float64(0), cupy.zeros(1, cupy.int32), cupy.zeros(1, cupy.float64), cupy.zeros(1, cupy.float64))
 
 
-def test_pipeline_master_matches_cpu(tmp_path):
-    sim = simulate_session(tmp_path / "sim", SMALL)
+def test_pipeline_master_matches_cpu(tmp_path, small_session_config, big_budget):
+    sim = simulate_session(tmp_path / "sim", small_session_config)
     masters = {}
     for name in ("cpu", "cuda"):
-        result = stack_session(sim.session_dir, tmp_path / name, StackConfig(memory_budget=BIG_BUDGET, backend=name),
+        result = stack_session(sim.session_dir, tmp_path / name, StackConfig(memory_budget=big_budget, backend=name),
                                workers=2, use_cache=False)
         masters[name] = fits.getdata(result.outputs["master_linear"])
     cpu, gpu = masters["cpu"], masters["cuda"]

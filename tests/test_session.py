@@ -14,7 +14,6 @@ from dwarf3gpu.errors import SessionError
 from dwarf3gpu.fitsio import write_raw_uint16
 from dwarf3gpu.session import discover, list_lights, parse_light_name, parse_session_folder_name
 
-from .conftest import hash_tree, header_from_dump, realdata
 
 SESSION_NAME = "DWARF_RAW_TELE_IC 434_EXP_60_GAIN_60_2025-10-18-04-51-22-420"
 
@@ -44,7 +43,7 @@ def write_light(folder, header, end, temp=16, shape=(8, 12), prefix="", **change
 
 
 @pytest.fixture
-def dumps():
+def dumps(header_from_dump, realdata):
     root = realdata("dwarf3_reference_text")
     return {
         "light": header_from_dump(root / "typ-light_IC434.txt"),
@@ -172,7 +171,7 @@ def test_calibration_found_and_matched(dwarf_card):
     assert result.best_dark.path.name == "tele_exp_60_gain_60_bin_1_2025-10-20-03-20-10-952"
 
 
-def test_discovery_writes_nothing(dwarf_card):
+def test_discovery_writes_nothing(dwarf_card, hash_tree):
     session, _ = dwarf_card
     before = hash_tree(session.parent)
     discover(session)
@@ -269,7 +268,7 @@ def test_tiny_frames_from_every_real_header_dump(tmp_path, dumps):
     assert reasons["stacked-16_IC 434_60s60_Astro_20251018-045127226.fits"] == "device_stack"
 
 
-def test_real_seestar_session():
+def test_real_seestar_session(hash_tree, realdata):
     folder = realdata("seestar_m94_s2")
     before = hash_tree(folder)
     result = discover(folder)
@@ -285,12 +284,12 @@ def test_real_seestar_session():
     assert hash_tree(folder) == before
 
 
-def test_real_seestar_eq_session():
+def test_real_seestar_eq_session(realdata):
     result = discover(realdata("seestar_ngc7023_2025"))
     assert len(result.lights) == 2 and result.metadata.target == "NGC 7023"
 
 
-def test_discovery_of_a_simulated_session_with_clutter_and_mismatched_frames(tmp_path):
+def test_discovery_of_a_simulated_session_with_clutter_and_mismatched_frames(tmp_path, hash_tree):
     """A simulated session (device layout, by-products, failed_ frames) plus foreign and mismatched frames."""
     from dwarf3gpu.fitsio import read_fits, read_header
     from dwarf3gpu.simulate import SimulationConfig, simulate_session

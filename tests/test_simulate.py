@@ -16,7 +16,6 @@ from dwarf3gpu.errors import ConfigError
 from dwarf3gpu.fitsio import read_fits, read_header, read_raw_uint16
 from dwarf3gpu.simulate import SimulatedSession, SimulationConfig, simulate_session
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "dwarf3_reference_text"
 SMALL = {"width": 384, "height": 256}
 BRIGHT_FIELD = {"stars_per_megapixel": 800.0, "star_flux_range": (10000.0, 4.0e5), "star_flux_alpha": 1.6}
 STRUCTURAL = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "EXTEND", "BZERO", "BSCALE"}
@@ -163,12 +162,29 @@ def date_obs(path: Path) -> datetime:
     return datetime.strptime(read_header(path)["DATE-OBS"], "%Y-%m-%dT%H:%M:%S.%f")
 
 
-def real_header(name: str) -> fits.Header:
-    """A real DWARF 3 header dump from the shared reference folder (skip the test when it is absent)."""
-    if not REAL.is_dir():
-        pytest.skip(f"real DWARF 3 header dumps not available ({REAL})")
-    text = "\n".join(line for line in (REAL / name).read_text().splitlines() if not line.startswith("#"))
-    return fits.Header.fromstring(text, sep="\n")
+@pytest.fixture(scope="module")
+def real_dumps(realdata_root) -> Path:
+    """The shared folder of real DWARF 3 header dumps and ``shotsInfo`` (it may be absent)."""
+    return realdata_root / "dwarf3_reference_text"
+
+
+@pytest.fixture(scope="module")
+def real_header(real_dumps, header_from_dump):
+    """Reader of the real DWARF 3 header dumps.
+
+    Returns
+    -------
+    callable
+        ``real_header(name) -> astropy.io.fits.Header``: the dump ``name`` of the shared reference folder; skips the
+        calling test when that folder is absent.
+    """
+
+    def read(name: str) -> fits.Header:
+        if not real_dumps.is_dir():
+            pytest.skip(f"real DWARF 3 header dumps not available ({real_dumps})")
+        return header_from_dump(real_dumps / name)
+
+    return read
 
 
 def device_cards(header: fits.Header) -> list[tuple[str, str]]:
@@ -254,10 +270,10 @@ def test_fractional_exposure_is_written_like_the_device(tmp_path):
     assert json.loads((sim.session_dir / "shotsInfo.json").read_text())["exp"] == "0.004"
 
 
-def test_shots_info_like_the_real_file(altaz):
+def test_shots_info_like_the_real_file(altaz, real_dumps):
     info = json.loads((altaz.session_dir / "shotsInfo.json").read_text())
-    if REAL.is_dir():
-        real = json.loads((REAL / "shotsInfo_IC434.json").read_text())
+    if real_dumps.is_dir():
+        real = json.loads((real_dumps / "shotsInfo_IC434.json").read_text())
         assert list(info) == list(real)
         assert {k: type(v) for k, v in info.items()} == {k: type(v) for k, v in real.items()}
     header = read_header(altaz.lights[0])
@@ -284,7 +300,7 @@ def test_darks_and_master_layout(altaz):
 # ------------------------------------------------------------------------------------------------- headers
 
 
-def test_light_header_matches_the_real_dump(altaz):
+def test_light_header_matches_the_real_dump(altaz, real_header):
     ours = read_header(altaz.lights[0])
     assert (ours["BITPIX"], ours["BZERO"], ours["BSCALE"]) == (16, 32768, 1)
     assert (ours["NAXIS1"], ours["NAXIS2"]) == (384, 256)
@@ -293,13 +309,13 @@ def test_light_header_matches_the_real_dump(altaz):
     assert device_cards(ours) == device_cards(real_header("typ-light_IC434.txt"))
 
 
-def test_device_stack_header_matches_the_real_dump(altaz):
+def test_device_stack_header_matches_the_real_dump(altaz, real_header):
     stem = altaz.lights[0].stem.rsplit("_", 1)[0]
     ours = read_header(altaz.session_dir / f"stacked-16_{stem}.fits")
     assert device_cards(ours) == device_cards(real_header("typ-stacked-16.txt"))
 
 
-def test_dark_and_master_headers_match_the_real_dumps(altaz):
+def test_dark_and_master_headers_match_the_real_dumps(altaz, real_header):
     dark = read_header(next(altaz.dark_dir.glob("*.fits")))
     assert (dark["FILTER"], dark["OBJECT"], dark["RA"], dark["DEC"]) == ("", "", 0.0, 0.0)
     master = read_header(next((altaz.session_dir.parent / "CALI_FRAME").rglob("*.fits")))

@@ -1,6 +1,7 @@
 """Acceptance tests of ``stack_session`` and ``dwarf3 stack``: simulated DWARF 3 sessions checked against their truth.
 
-Three sessions are simulated once per module and stacked once per configuration (module-scoped fixtures):
+Three sessions are simulated once and stacked once per configuration (module-scoped fixtures; ``small`` is
+conftest.py's ``small_session``, simulated once per test run):
 
 - ``altaz``: 12 alt-az lights of 1024 x 704 (15 degrees of field rotation, so ``rgb_affine``), one cloudy, one
   bad-seeing and three trailed frames; a sparse field of bright stars so that many isolated, unsaturated stars
@@ -47,26 +48,17 @@ from dwarf3gpu.pipeline import StackResult, stack_session
 from dwarf3gpu.simulate import SimulationConfig, simulate_session
 from dwarf3gpu.warp import warp_affine, warp_lattice
 
-from .conftest import hash_tree
-
 runner = CliRunner()
 WORKERS = 2
-BIG_BUDGET = 1 << 30  # one tile for every session here
 
 ALTAZ = SimulationConfig(
     n_frames=12, width=1024, height=704, mode="altaz", rotation_rate_deg_per_hour=300.0, n_failed=0,
     n_cloudy=1, n_trailed=3, n_bad_seeing=1, clutter=False, seed=7,
     stars_per_megapixel=200.0, star_flux_range=(15000.0, 6.0e5), star_flux_alpha=1.5,
 )
-ALTAZ_STACK = StackConfig(keep=1.0, max_fwhm=4.0, min_transparency=0.8, memory_budget=BIG_BUDGET)
 EQ = SimulationConfig(
     n_frames=16, width=768, height=512, mode="eq", drift_px_per_hour=600.0, n_failed=0, n_cloudy=0, n_trailed=0,
     n_bad_seeing=0, clutter=False, seed=11, galaxy=False,
-)
-EQ_STACK = StackConfig(keep=1.0, align_mode="integer", debayer="none", memory_budget=BIG_BUDGET)
-SMALL = SimulationConfig(
-    n_frames=8, width=512, height=384, mode="altaz", rotation_rate_deg_per_hour=600.0, n_failed=1, n_cloudy=1,
-    n_trailed=1, n_bad_seeing=0, clutter=True, seed=21, stars_per_megapixel=1500.0,
 )
 
 # Aperture photometry: radius 12 px (99.5 % of a FWHM 2.8, beta 3 Moffat), local background = median of 16-24 px.
@@ -191,7 +183,7 @@ def _load_truth(truth_dir: Path):
     return truth, stars, clean
 
 
-def _simulate_and_stack(root: Path, sim_config: SimulationConfig, stack_config: StackConfig) -> Stacked:
+def _simulate_and_stack(root: Path, sim_config: SimulationConfig, stack_config: StackConfig, hash_tree) -> Stacked:
     sim = simulate_session(root, sim_config)
     before = hash_tree(sim.session_dir)
     result = stack_session(sim.session_dir, root / "processedData", stack_config, workers=WORKERS, use_cache=False)
@@ -200,27 +192,39 @@ def _simulate_and_stack(root: Path, sim_config: SimulationConfig, stack_config: 
 
 
 @pytest.fixture(scope="module")
-def altaz(tmp_path_factory) -> Stacked:
-    return _simulate_and_stack(tmp_path_factory.mktemp("altaz"), ALTAZ, ALTAZ_STACK)
+def altaz_stack(big_budget) -> StackConfig:
+    """Settings of the ``altaz`` stack: defaults, keep every frame that passes ``max_fwhm=4`` and
+    ``min_transparency=0.8``, one tile."""
+    return StackConfig(keep=1.0, max_fwhm=4.0, min_transparency=0.8, memory_budget=big_budget)
 
 
 @pytest.fixture(scope="module")
-def eq(tmp_path_factory) -> Stacked:
-    return _simulate_and_stack(tmp_path_factory.mktemp("eq"), EQ, EQ_STACK)
+def eq_stack(big_budget) -> StackConfig:
+    """Settings of the ``eq`` stack: keep all, integer alignment, no debayering (no interpolation), one tile."""
+    return StackConfig(keep=1.0, align_mode="integer", debayer="none", memory_budget=big_budget)
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    root = tmp_path_factory.mktemp("small")
-    sim = simulate_session(root, SMALL)
-    return sim, hash_tree(sim.session_dir), root
+def altaz(tmp_path_factory, altaz_stack, hash_tree) -> Stacked:
+    return _simulate_and_stack(tmp_path_factory.mktemp("altaz"), ALTAZ, altaz_stack, hash_tree)
 
 
 @pytest.fixture(scope="module")
-def small_base(small) -> StackResult:
+def eq(tmp_path_factory, eq_stack, hash_tree) -> Stacked:
+    return _simulate_and_stack(tmp_path_factory.mktemp("eq"), EQ, eq_stack, hash_tree)
+
+
+@pytest.fixture(scope="module")
+def small(small_session, small_session_tree, tmp_path_factory):
+    """(the shared small session, its folder's hash from right after the simulation, this module's output root)."""
+    return small_session, small_session_tree, tmp_path_factory.mktemp("small")
+
+
+@pytest.fixture(scope="module")
+def small_base(small, big_budget) -> StackResult:
     """The baseline stack of the small session: defaults, 2 workers, one tile, transforms saved."""
     sim, _, root = small
-    return stack_session(sim.session_dir, root / "base", StackConfig(memory_budget=BIG_BUDGET), workers=2,
+    return stack_session(sim.session_dir, root / "base", StackConfig(memory_budget=big_budget), workers=2,
                          use_cache=False, save_transforms=root / "transforms.json")
 
 
@@ -297,7 +301,7 @@ def test_master_fwhm_within_5_percent_of_ideal_stack(altaz):
         f"master FWHM {np.median(fm):.3f} px vs ideal {np.median(fi):.3f} px: ratio {ratio:.3f} over {len(stars)} stars")
 
 
-def test_master_fwhm_registration_adds_no_blur(altaz):
+def test_master_fwhm_registration_adds_no_blur(altaz, altaz_stack):
     """Diagnostic companion of the 5 % criterion (not a replacement): the kept frames resampled with the same
     kernels but with the TRUTH transforms, averaged without clipping, have the master's FWHM within 3 %.
     So the registration and the rejection add almost nothing; the gap to the optical ideal is the resampling."""
@@ -309,11 +313,11 @@ def test_master_fwhm_registration_adds_no_blur(altaz):
     for f in altaz.kept:
         raw = read_raw_uint16(altaz.sim.session_dir / f["file"])[0].astype(np.float32)
         A = compose(to_master, f["transform"])
-        if ALTAZ_STACK.demosaic == "lattice":
+        if altaz_stack.demosaic == "lattice":
             green = warp_lattice(raw, "RGGB", A, (H, W))[0][1]
         else:
-            demosaic = debayer_mhc if ALTAZ_STACK.demosaic == "mhc" else debayer_bilinear
-            green = warp_affine(demosaic(raw, "RGGB")[1:2], A, (H, W), method=ALTAZ_STACK.interpolation)[0][0]
+            demosaic = debayer_mhc if altaz_stack.demosaic == "mhc" else debayer_bilinear
+            green = warp_affine(demosaic(raw, "RGGB")[1:2], A, (H, W), method=altaz_stack.interpolation)[0][0]
         acc += np.nan_to_num(green)
     truth_stack = acc / len(altaz.kept)
     xy = altaz.star_xy()
@@ -498,16 +502,16 @@ def _tiles_budget(result: StackResult) -> int:
     return int(plan["fixed_bytes"] + 96 * 96 * plan["bytes_per_pixel"])
 
 
-def test_identical_bytes_on_second_run_other_tile_size_and_worker_count(small, small_base):
+def test_identical_bytes_on_second_run_other_tile_size_and_worker_count(small, small_base, big_budget):
     """master_linear.fits and coverage.fits are byte-identical on a second run, with several tiles instead of one,
     and with 1 worker instead of 2 (use_cache=False, so every run stacks)."""
     sim, _, root = small
     base = small_base
     assert base.manifest["stack"]["tile_plan"]["n_tiles"] == 1 and base.manifest["workers"] == 2
     budget = _tiles_budget(base)
-    again = stack_session(sim.session_dir, root / "again", StackConfig(memory_budget=BIG_BUDGET), workers=2, use_cache=False)
+    again = stack_session(sim.session_dir, root / "again", StackConfig(memory_budget=big_budget), workers=2, use_cache=False)
     tiled = stack_session(sim.session_dir, root / "tiled", StackConfig(memory_budget=budget), workers=2, use_cache=False)
-    single = stack_session(sim.session_dir, root / "single", StackConfig(memory_budget=BIG_BUDGET), workers=1, use_cache=False)
+    single = stack_session(sim.session_dir, root / "single", StackConfig(memory_budget=big_budget), workers=1, use_cache=False)
     assert tiled.manifest["stack"]["tile_plan"]["n_tiles"] >= 3
     assert single.manifest["workers"] == 1
     for other in (again, tiled, single):
@@ -517,13 +521,13 @@ def test_identical_bytes_on_second_run_other_tile_size_and_worker_count(small, s
                                                              other.manifest["workers"])
 
 
-def test_saved_transforms_reproduce_the_master(small, small_base):
+def test_saved_transforms_reproduce_the_master(small, small_base, big_budget):
     """--save-transforms then --load-transforms: the same transforms, the same frames, the same master bytes."""
     sim, _, root = small
     saved = json.loads((root / "transforms.json").read_text())
     assert saved["reference"] == small_base.analysis.reference.frame.name
     assert set(saved["frames"]) == {r.frame.name for r in small_base.analysis.records}
-    loaded = stack_session(sim.session_dir, root / "loaded", StackConfig(memory_budget=BIG_BUDGET), workers=2,
+    loaded = stack_session(sim.session_dir, root / "loaded", StackConfig(memory_budget=big_budget), workers=2,
                            use_cache=False, load_transforms=root / "transforms.json")
     assert loaded.kept == small_base.kept
     assert loaded.manifest["stack"]["applied_transforms"] == small_base.manifest["stack"]["applied_transforms"]
@@ -531,13 +535,13 @@ def test_saved_transforms_reproduce_the_master(small, small_base):
         assert _bytes(loaded, key) == _bytes(small_base, key)
 
 
-def test_stack_cache_reuse_and_cache_command(small, small_base):
+def test_stack_cache_reuse_and_cache_command(small, small_base, big_budget):
     """A second cached run reuses the stacked intermediates (stack.from_cache) and writes the same bytes;
     ``dwarf3 cache`` lists the caches and --clear-stack / --clear-transforms / --clear remove them."""
     sim, _, root = small
     out = root / "cached"
-    first = stack_session(sim.session_dir, out, StackConfig(memory_budget=BIG_BUDGET), workers=2)
-    second = stack_session(sim.session_dir, out, StackConfig(memory_budget=BIG_BUDGET), workers=2)
+    first = stack_session(sim.session_dir, out, StackConfig(memory_budget=big_budget), workers=2)
+    second = stack_session(sim.session_dir, out, StackConfig(memory_budget=big_budget), workers=2)
     assert not first.manifest["stack"]["from_cache"] and second.manifest["stack"]["from_cache"]
     for key in ("master_linear", "coverage"):
         assert _bytes(second, key) == _bytes(first, key) == _bytes(small_base, key)
@@ -560,7 +564,7 @@ def test_stack_cache_reuse_and_cache_command(small, small_base):
 
 
 @pytest.mark.parametrize("mode", ["rgb", "bayer-first", "superpixel", "none"])
-def test_debayer_modes_shape_and_header(small, small_base, mode):
+def test_debayer_modes_shape_and_header(small, small_base, mode, big_budget, small_session_config):
     """Every --debayer mode writes a master of the right shape and header: rgb and bayer-first (3, H, W) with
     NAXIS3 = 3 and no BAYERPAT, superpixel (3, H/2, W/2), none the 2-D CFA mosaic with BAYERPAT; the coverage map
     has the master's pixel grid."""
@@ -568,9 +572,9 @@ def test_debayer_modes_shape_and_header(small, small_base, mode):
     if mode == "rgb":
         result = small_base
     else:
-        result = stack_session(sim.session_dir, root / f"mode-{mode}", StackConfig(debayer=mode, memory_budget=BIG_BUDGET),
+        result = stack_session(sim.session_dir, root / f"mode-{mode}", StackConfig(debayer=mode, memory_budget=big_budget),
                                workers=2, use_cache=False)
-    h, w = SMALL.height, SMALL.width
+    h, w = small_session_config.height, small_session_config.width
     with fits.open(result.outputs["master_linear"]) as hdul:
         data, header = hdul[0].data, hdul[0].header
     coverage = fits.getdata(result.outputs["coverage"])
@@ -593,7 +597,7 @@ def test_debayer_modes_shape_and_header(small, small_base, mode):
         assert _bytes(tiled, key) == _bytes(result, key), (mode, key, tiled.manifest["stack"]["tile_plan"]["tiles"])
 
 
-def test_master_header_values(altaz):
+def test_master_header_values(altaz, altaz_stack):
     """NCOMBINE, EXPTIME, DATE-OBS/DATE-END (start of the first, end of the last kept exposure), OBJECT, RA, DEC,
     SWCREATE, D3SETHSH and HISTORY agree with the truth and the settings."""
     header = fits.getheader(altaz.result.outputs["master_linear"])
@@ -609,13 +613,13 @@ def test_master_header_values(altaz):
     assert header["RA"] == pytest.approx(ALTAZ.ra_deg, abs=1e-6)
     assert header["DEC"] == pytest.approx(ALTAZ.dec_deg, abs=1e-6)
     assert header["SWCREATE"] == f"dwarf3gpu {__version__}"
-    assert header["D3SETHSH"] == ALTAZ_STACK.settings_hash()
+    assert header["D3SETHSH"] == altaz_stack.settings_hash()
     assert header["D3REF"] == altaz.result.analysis.reference.frame.name
     history = "\n".join(str(h) for h in header["HISTORY"])
     assert f"{len(kept)} kept" in history and "sigma clip" in history
 
 
-def test_manifest_report_and_session_untouched(altaz):
+def test_manifest_report_and_session_untouched(altaz, altaz_stack):
     """run_manifest.json lists every light with decision, reason and transform, the tile plan, the backend, the
     versions and the timings; report.json has snr_proxy and the rejections by reason; report.md and its plots
     exist; the session folder is byte-for-byte unchanged."""
@@ -642,7 +646,7 @@ def test_manifest_report_and_session_untouched(altaz):
     assert manifest["software"]["dwarf3gpu"] == __version__
     for stage in ("measure", "register", "stack", "finish", "total"):
         assert manifest["stats"]["timings_s"][stage] >= 0
-    assert manifest["settings_hash"] == ALTAZ_STACK.settings_hash()
+    assert manifest["settings_hash"] == altaz_stack.settings_hash()
 
     report = json.loads(Path(res.outputs["report_json"]).read_text())
     assert report["snr_proxy"] > 10
@@ -667,10 +671,10 @@ def test_dry_run_writes_report_but_no_master(small):
     assert result.stats["frames_kept"] == len(result.kept) > 0
 
 
-def test_frame_list_restricts_frames(small):
+def test_frame_list_restricts_frames(small, big_budget):
     sim, _, root = small
     listed = [p.name for p in sim.lights[:5]]
-    result = stack_session(sim.session_dir, root / "listed", StackConfig(memory_budget=BIG_BUDGET), workers=2,
+    result = stack_session(sim.session_dir, root / "listed", StackConfig(memory_budget=big_budget), workers=2,
                            use_cache=False, frame_list=["# chosen by hand", *listed, ""])
     assert set(result.kept) <= set(listed) and len(result.kept) >= 3
     assert {r["name"] for r in result.rejected if r["reason"] == "not_in_frame_list"} == {p.name for p in sim.lights[5:]}
@@ -715,7 +719,7 @@ def test_cli_stack_exit_1_without_a_master(tmp_path):
     assert not list((tmp_path).rglob("master_linear.fits"))
 
 
-def test_session_folder_never_written(small):
+def test_session_folder_never_written(small, hash_tree):
     """Runs last in this module: after every stack, cache and CLI run above, the small session is unchanged."""
     sim, before, _ = small
     assert hash_tree(sim.session_dir) == before

@@ -21,7 +21,6 @@ from dwarf3gpu.stretch import (
     write_preview_png,
     write_preview_tiff,
 )
-from tests.test_color import SKY, synthetic_sky
 
 # --- asinh -----------------------------------------------------------------------------------------------------------
 
@@ -111,9 +110,9 @@ def test_mtf_properties():
 # --- two-stage stretch -----------------------------------------------------------------------------------------------
 
 
-def test_two_stage_puts_background_at_target():
+def test_two_stage_puts_background_at_target(synthetic_sky, sky_levels):
     gains = (1 / 0.62, 1.0, 1 / 0.78)
-    cal = ColorCalibration(gains=gains, offsets=tuple(SKY[1] - g * sky for g, sky in zip(gains, SKY)))
+    cal = ColorCalibration(gains=gains, offsets=tuple(sky_levels[1] - g * sky for g, sky in zip(gains, sky_levels)))
     img = apply_color_calibration(synthetic_sky(), cal)
     before = img.copy()
     out = two_stage_stretch(img)
@@ -141,7 +140,7 @@ def test_two_stage_preserves_pixel_ratios():
     assert patch_out.max() <= 1.0
 
 
-def test_two_stage_nan_and_blank_input():
+def test_two_stage_nan_and_blank_input(synthetic_sky):
     img = synthetic_sky()
     img[:, 10:20, 10:20] = np.nan
     out = two_stage_stretch(img)
@@ -208,7 +207,7 @@ def test_preview_tiff_is_16bit_rgb(tmp_path):
 
 
 @pytest.mark.parametrize("stretch", ["two_stage", "asinh"])
-def test_quicklook_neutral_background_and_linear_input_untouched(stretch):
+def test_quicklook_neutral_background_and_linear_input_untouched(stretch, synthetic_sky):
     img = synthetic_sky()
     img[:, :8, :] = np.nan
     before = img.copy()
@@ -223,7 +222,7 @@ def test_quicklook_neutral_background_and_linear_input_untouched(stretch):
     np.testing.assert_allclose(background, background[1], atol=0.01)
 
 
-def test_quicklook_scnr_lowers_green():
+def test_quicklook_scnr_lowers_green(synthetic_sky):
     img = synthetic_sky()
     cal = background_neutral_gains(img)
     plain = make_quicklook(img, cal)
@@ -231,13 +230,13 @@ def test_quicklook_scnr_lowers_green():
     assert np.median(scnr[1]) < np.median(plain[1])
 
 
-def test_quicklook_without_calibration_shows_the_cast():
+def test_quicklook_without_calibration_shows_the_cast(synthetic_sky):
     img = synthetic_sky()
     out = make_quicklook(img)
     background = np.median(out.reshape(3, -1), axis=1)
     assert background[1] > background[0] + 0.05 and background[1] > background[2] + 0.05
 
 
-def test_quicklook_rejects_unknown_stretch():
+def test_quicklook_rejects_unknown_stretch(synthetic_sky):
     with pytest.raises(ConfigError):
         make_quicklook(synthetic_sky(height=40, width=40, n_stars=5), stretch="log")

@@ -8,7 +8,7 @@ import pytest
 
 import dwarf3gpu.warp as warp_module
 from dwarf3gpu.debayer import bayer_offsets, debayer_bilinear
-from dwarf3gpu.register import apply_transform, even_pixel_shift, invert_transform, to_cv2_warp_matrix
+from dwarf3gpu.register import apply_transform, even_pixel_shift, to_cv2_warp_matrix
 from dwarf3gpu.warp import (
     plane_transform,
     shift_integer,
@@ -18,38 +18,26 @@ from dwarf3gpu.warp import (
     window_margin,
 )
 
-from .test_debayer import PATTERNS, mosaic_of
-
 METHODS = ("bilinear", "bicubic")
+#: Parametrisation values (collection time; the ``bayer_patterns`` fixture holds the same four layouts).
+PATTERNS = ("RGGB", "GRBG", "GBRG", "BGGR")
 
 
-def rigid(theta_deg: float, tx: float, ty: float, centre=(0.0, 0.0)) -> np.ndarray:
-    """Rotation by theta about ``centre`` followed by a translation, frame -> reference."""
-    t = np.radians(theta_deg)
-    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
-    c = np.asarray(centre, dtype=np.float64)
-    return np.hstack([rot, (c - rot @ c + [tx, ty])[:, None]])
+@pytest.fixture(scope="module")
+def scene(waves):
+    """Sampled smooth scene.
 
+    Returns
+    -------
+    callable
+        ``scene(h, w, phase=0.0) -> ndarray``: ``waves`` at the pixel centres of an (h, w) grid, float32.
+    """
 
-def waves(x: np.ndarray, y: np.ndarray, phase: float = 0.0) -> np.ndarray:
-    """Smooth analytic scene (periods >= 37 px, values 10000-30000)."""
-    return (
-        20000
-        + 6000 * np.sin(2 * np.pi * x / 37 + phase) * np.cos(2 * np.pi * y / 53 + 2 * phase)
-        + 4000 * np.sin(2 * np.pi * (x + 0.6 * y) / 41 + 3 * phase)
-    )
+    def sample(h: int, w: int, phase: float = 0.0) -> np.ndarray:
+        y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+        return waves(x, y, phase).astype(np.float32)
 
-
-def scene(h: int, w: int, phase: float = 0.0) -> np.ndarray:
-    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
-    return waves(x, y, phase).astype(np.float32)
-
-
-def inverse_coords(A: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Source coordinates of every reference pixel of a grid (float64)."""
-    Y, X = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
-    xy = apply_transform(invert_transform(A), np.stack([X.ravel(), Y.ravel()], axis=1))
-    return xy[:, 0].reshape(shape), xy[:, 1].reshape(shape)
+    return sample
 
 
 def eroded(mask: np.ndarray, pixels: int) -> np.ndarray:
@@ -61,7 +49,7 @@ def eroded(mask: np.ndarray, pixels: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("method, flag", [("bilinear", cv2.INTER_LINEAR), ("bicubic", cv2.INTER_CUBIC)])
-def test_matches_opencv(method, flag, monkeypatch):
+def test_matches_opencv(method, flag, monkeypatch, rigid, scene):
     """cv2.warpAffine with to_cv2_warp_matrix: same geometry; OpenCV's cubic is Keys with a = -0.75.
 
     Tolerance: OpenCV may quantise source coordinates to 1/32 px (INTER_BITS = 5), an error of
@@ -80,7 +68,7 @@ def test_matches_opencv(method, flag, monkeypatch):
     assert np.abs(ours - theirs)[inside].max() <= tolerance
 
 
-def test_bicubic_beats_bilinear_on_smooth_scene():
+def test_bicubic_beats_bilinear_on_smooth_scene(inverse_coords, rigid, scene, waves):
     """Against the analytic scene: Keys a = -0.5 is third-order accurate, bilinear second."""
     image = scene(200, 240, phase=0.4)
     A = rigid(-31.0, 3.37, 5.91, centre=(120, 100))
@@ -96,7 +84,7 @@ def test_bicubic_beats_bilinear_on_smooth_scene():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_gaussian_star_lands_where_apply_transform_says(method):
+def test_gaussian_star_lands_where_apply_transform_says(method, rigid):
     h, w, sigma = 160, 200, 1.6
     star = np.array([83.37, 71.81])
     y, x = np.mgrid[0:h, 0:w].astype(np.float64)
@@ -128,14 +116,8 @@ def test_identity_and_integer_translation_are_exact(method):
     assert np.all(out[:, ~valid] == 0)
 
 
-def tiles(shape: tuple[int, int], size: tuple[int, int]):
-    for r in range(0, shape[0], size[0]):
-        for c in range(0, shape[1], size[1]):
-            yield (r, c), (min(size[0], shape[0] - r), min(size[1], shape[1] - c))
-
-
 @pytest.mark.parametrize("method", METHODS)
-def test_tiling_and_bands_do_not_change_a_bit(method, monkeypatch):
+def test_tiling_and_bands_do_not_change_a_bit(method, monkeypatch, rigid, tiles):
     frame = np.random.default_rng(1).random((2, 90, 110), dtype=np.float32) * 5000
     A = rigid(13.0, 6.71, -3.19, centre=(55, 45))
     out_shape = (84, 120)
@@ -157,7 +139,7 @@ def test_tiling_and_bands_do_not_change_a_bit(method, monkeypatch):
             assert np.array_equal(got, expected), tile_size
 
 
-def test_band_missing_taps_raises():
+def test_band_missing_taps_raises(rigid):
     frame = np.ones((60, 80), np.float32)
     A = rigid(5.0, 1.5, 2.5)
     with pytest.raises(ValueError, match="lacks the taps"):
@@ -228,7 +210,7 @@ def test_shift_integer_follows_even_pixel_shift():
 # --------------------------------------------------------------------------- Bayer planes
 
 
-def test_plane_transform():
+def test_plane_transform(rigid):
     A = rigid(41.0, 3.3, -7.7, centre=(50, 40))
     points = np.array([[0.0, 0.0], [13.0, 7.0], [-2.5, 30.25]])
     for r, c in [(0, 0), (0, 1), (1, 0), (1, 1)]:
@@ -254,7 +236,7 @@ def test_bayer_even_translation_equals_shift_integer(pattern, method):
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("method", METHODS)
-def test_bayer_warp_keeps_uniform_colours_exactly(pattern, method):
+def test_bayer_warp_keeps_uniform_colours_exactly(pattern, method, rigid):
     colour = {"R": 1234.0, "G": 40321.0, "B": 777.0}
     frame = np.zeros((50, 64), np.float32)
     expected_frame = np.zeros((41, 57), np.float32)
@@ -270,7 +252,7 @@ def test_bayer_warp_keeps_uniform_colours_exactly(pattern, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_bayer_tiling_and_odd_bands_do_not_change_a_bit(method):
+def test_bayer_tiling_and_odd_bands_do_not_change_a_bit(method, rigid, tiles):
     mosaic = np.random.default_rng(6).integers(0, 65536, (70, 90)).astype(np.uint16)
     A = rigid(-8.0, 2.21, 1.63, centre=(45, 35))
     full = warp_bayer_planes(mosaic, "GRBG", A, (66, 96), method=method, feather_px=7.0)
@@ -291,7 +273,7 @@ def test_bayer_tiling_and_odd_bands_do_not_change_a_bit(method):
 
 
 @pytest.mark.parametrize("pattern", ["RGGB", "BGGR"])
-def test_bayer_rotation_agrees_with_debayered_warp(pattern):
+def test_bayer_rotation_agrees_with_debayered_warp(pattern, inverse_coords, mosaic_of, rigid, waves):
     """Rotate a smooth scene's mosaic as planes, and as debayered channels; compare with the truth.
 
     The plane warp interpolates on each colour's own lattice (2 px spacing), the

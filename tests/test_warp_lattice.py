@@ -27,8 +27,8 @@ from dwarf3gpu.warp import (
     warp_lattice,
 )
 
-from .test_debayer import PATTERNS, mosaic_of
-from .test_warp import inverse_coords, rigid, tiles, waves
+#: Parametrisation values (collection time; the ``bayer_patterns`` fixture holds the same four layouts).
+PATTERNS = ("RGGB", "GRBG", "GBRG", "BGGR")
 
 
 def brute_force(mosaic: np.ndarray, pattern: str, A: np.ndarray, out_shape, out_origin=(0, 0)):
@@ -92,7 +92,7 @@ def test_lanczos_table():
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_matches_brute_force_reference(pattern):
+def test_matches_brute_force_reference(pattern, rigid):
     mosaic = np.random.default_rng(3).integers(0, 65536, (44, 52)).astype(np.float32)
     A = rigid(-31.0, 3.1, -2.7, centre=(26, 22))
     rgb, valid, weight = warp_lattice(mosaic, pattern, A, (40, 48), out_origin=(3, 1))
@@ -128,7 +128,7 @@ def test_lattice_planes_hold_every_pixel_where_the_layout_says(pattern):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_uniform_colours_and_integer_shifts_are_exact(pattern):
+def test_uniform_colours_and_integer_shifts_are_exact(pattern, rigid):
     colour = {"R": 1234.0, "G": 40321.0, "B": 777.0}
     frame = np.zeros((60, 70), np.float32)
     for name, sites in bayer_offsets(pattern).items():
@@ -152,7 +152,7 @@ def test_uniform_colours_and_integer_shifts_are_exact(pattern):
             assert np.array_equal(rgb[k][Y[own], X[own]], mosaic[ys[own], xs[own]])
 
 
-def test_smooth_scene_accuracy():
+def test_smooth_scene_accuracy(inverse_coords, mosaic_of, rigid, waves):
     """Rotating a smooth scene's mosaic by 37 degrees: max errors against the analytic truth (amplitude 20000 ADU,
     periods >= 37 px) measured 25 ADU in G and 52 ADU in R/B (Lanczos' passband ripple, ~0.1-0.2 %, not the
     phase rounding: <= 1 ADU here), against 152 ADU for bilinear debayer + bilinear warp (Keys' bicubic on the
@@ -172,7 +172,7 @@ def test_smooth_scene_accuracy():
     assert np.abs(two_step - truth)[:, valid & two_valid].max() > 2 * err.max()
 
 
-def test_star_lands_where_apply_transform_says_in_every_channel():
+def test_star_lands_where_apply_transform_says_in_every_channel(mosaic_of, rigid):
     """A Gaussian star (sigma 1.6 px) on the mosaic, rotated: each channel's centroid within 0.02 px of
     apply_transform (the red/blue lattices sample it every 2 px, so their aliasing is the larger error)."""
     h, w, sigma = 160, 200, 1.6
@@ -189,7 +189,7 @@ def test_star_lands_where_apply_transform_says_in_every_channel():
             assert np.abs(centroid - expected).max() < 0.02, (k, centroid - expected)
 
 
-def test_tiling_odd_bands_and_chunks_do_not_change_a_bit(monkeypatch):
+def test_tiling_odd_bands_and_chunks_do_not_change_a_bit(monkeypatch, rigid, tiles):
     mosaic = np.random.default_rng(6).integers(0, 65536, (70, 90)).astype(np.uint16)
     A = rigid(-8.0, 2.21, 1.63, centre=(45, 35))
     full = warp_lattice(mosaic, "GRBG", A, (66, 96), feather_px=7.0)
@@ -208,7 +208,7 @@ def test_tiling_odd_bands_and_chunks_do_not_change_a_bit(monkeypatch):
     assert full[1].sum() > 0.5 * full[1].size
 
 
-def test_source_window_margin_covers_every_tap():
+def test_source_window_margin_covers_every_tap(rigid):
     """Fuzz: tiles and transforms at random; a band cut with LATTICE_MARGIN never lacks a tap."""
     rng = np.random.default_rng(9)
     size = (61, 75)
@@ -225,7 +225,7 @@ def test_source_window_margin_covers_every_tap():
                      src_size=size)
 
 
-def test_errors_and_feather():
+def test_errors_and_feather(rigid):
     mosaic = np.ones((60, 80), np.float32)
     A = rigid(5.0, 1.5, 2.5)
     with pytest.raises(ValueError, match="lacks the taps"):
@@ -269,7 +269,7 @@ def _fwhm(img, x0, y0):
     return least_squares(resid, [st.max(), 2.7, x0, y0]).x[1]
 
 
-def test_undersampled_star_stays_sharp():
+def test_undersampled_star_stays_sharp(mosaic_of):
     """The reason for the method: a coloured star of FWHM 2.7 px (R, G, B = 0.6, 1, 0.8), point-sampled on the
     CFA of 8 frames at random rotations and sub-pixel phases, each resampled onto one grid and averaged. Master
     G FWHM over the truth's (median of 6 stars; the acceptance session measures 1.039 against 1.217 for bilinear
