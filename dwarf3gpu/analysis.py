@@ -83,13 +83,13 @@ class AnalysisConfig:
 
     def __post_init__(self):
         if not 0 < self.keep <= 1:
-            raise ConfigError(f"--keep must be a fraction in (0, 1], e.g. 0.9; got {self.keep}")
+            raise ConfigError(f"must be a fraction in (0, 1], e.g. 0.9; got {self.keep}", setting="keep")
         if self.score not in SCORE_METHODS:
-            raise ConfigError(f"--score must be one of {', '.join(SCORE_METHODS)}; got {self.score!r}")
+            raise ConfigError(f"must be one of {', '.join(SCORE_METHODS)}; got {self.score!r}", setting="score")
         if self.reference not in ("best", "first"):
-            raise ConfigError(f"--reference must be 'best' or 'first'; got {self.reference!r}")
+            raise ConfigError(f"must be 'best' or 'first'; got {self.reference!r}", setting="reference")
         if self.align_mode not in ("auto", "integer", "rgb_affine"):
-            raise ConfigError(f"--align-mode must be auto, integer or rgb_affine; got {self.align_mode!r}")
+            raise ConfigError(f"must be auto, integer or rgb_affine; got {self.align_mode!r}", setting="align_mode")
         if self.threshold_sigma <= 0 or self.max_stars < 10:
             raise ConfigError("the detection threshold must be positive and max_stars at least 10")
 
@@ -227,7 +227,7 @@ def output_dir_for(session: Path, output_root: str | os.PathLike = "processedDat
     if out_abs == session_abs or session_abs in out_abs.parents:
         raise ConfigError(
             f"the output folder {out} is inside the session folder; inputs are never written to. "
-            "Choose another --out, e.g. processedData"
+            "Choose another output root, e.g. processedData"
         )
     return out
 
@@ -294,7 +294,7 @@ def analyze_session(
     if not any(usable):
         raise SessionError(
             f"no frame has at least {config.limits.min_stars} stars, so none can be a reference: "
-            "clouds, a closed cap, or a badly out-of-focus session? (lower it with --min-stars)"
+            "clouds, a closed cap, or a badly out-of-focus session? (lower the minimum star count)"
         )
     ref_scores = [s if ok else float("nan") for s, ok in zip(prelim, usable)]
     ref = choose_reference(ref_scores, config.reference) if config.reference == "best" else _first_usable(usable)

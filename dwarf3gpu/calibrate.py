@@ -436,7 +436,7 @@ def prepare_calibration(
     else:
         path = Path(setting)
         if not path.is_file():
-            raise ConfigError(f"--dark {setting}: no such file (give a FITS master dark, 'auto' or 'none')")
+            raise ConfigError(f"{setting}: no such file (give a FITS master dark, 'auto' or 'none')", setting="dark")
         source = path
         record["dark"] = {"kind": "master_dark_file", "path": str(path)}
     layout_shape = read_layout(reference).shape

@@ -42,6 +42,22 @@ app = typer.Typer(
 )
 
 
+#: Settings and arguments of the Python API -> the flags that set them (library errors name the setting).
+FLAGS = {
+    "keep": "--keep", "score": "--score", "reference": "--reference", "align_mode": "--align-mode",
+    "dark": "--dark", "device": "--device", "maxiters": "--maxiters", "feather_px": "--feather", "scnr": "--scnr",
+    "memory_budget": "--memory-budget", "normalisation": "--normalisation", "frame_list": "--frame-list",
+    "load_transforms": "--load-transforms", "backend": "--backend", "output_root": "--out",
+}
+
+
+def error_text(exc: Dwarf3Error) -> str:
+    """The message of a library error for the command line: the flag of its setting, then the problem."""
+    if exc.setting:
+        return f"{FLAGS.get(exc.setting, exc.setting)}: {exc.detail}"
+    return str(exc)
+
+
 def command(*args, **kwargs):
     """Register a Typer command whose :class:`Dwarf3Error` becomes a message on stderr and its exit code.
 
@@ -54,7 +70,7 @@ def command(*args, **kwargs):
             try:
                 return func(*a, **kw)
             except Dwarf3Error as exc:
-                err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+                err_console.print(f"[bold red]error:[/] {escape(error_text(exc))}")
                 raise typer.Exit(exc.exit_code) from None
 
         return app.command(*args, **kwargs)(run)
@@ -448,7 +464,7 @@ def stack(
         except Dwarf3Error as exc:
             if len(sessions) == 1 and not any(ch in str(sessions[0]) for ch in "*?["):
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(path.name)}: {escape(str(exc))}")
+            err_console.print(f"[bold red]error:[/] {escape(path.name)}: {escape(error_text(exc))}")
             failures.append(path)
             continue
         results.append((path, result))

@@ -130,21 +130,21 @@ class StackConfig:
         _choice("score", self.score, SCORE_METHODS)
         _choice("backend", self.backend, ("auto", "cpu", "cuda"))
         if not isinstance(self.dark, str) or not self.dark.strip():
-            raise ConfigError("--dark must be 'auto', 'none' or the path of a FITS master dark")
+            raise ConfigError("must be 'auto', 'none' or the path of a FITS master dark", setting="dark")
         if self.device < 0:
-            raise ConfigError(f"--device must be >= 0; got {self.device}")
+            raise ConfigError(f"must be >= 0; got {self.device}", setting="device")
         for name in ("sigma", "sigma_lower", "sigma_upper"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive; got {value}")
         if self.maxiters < 1:
-            raise ConfigError(f"--maxiters must be at least 1; got {self.maxiters}")
+            raise ConfigError(f"must be at least 1; got {self.maxiters}", setting="maxiters")
         if self.feather_px < 0:
-            raise ConfigError(f"--feather must be >= 0 pixels; got {self.feather_px}")
+            raise ConfigError(f"must be >= 0 pixels; got {self.feather_px}", setting="feather_px")
         if not 0 <= self.scnr <= 1:
-            raise ConfigError(f"--scnr must be between 0 and 1; got {self.scnr}")
+            raise ConfigError(f"must be between 0 and 1; got {self.scnr}", setting="scnr")
         if self.memory_budget is not None and self.memory_budget <= 0:
-            raise ConfigError("--memory-budget must be positive, e.g. 4G or 512M")
+            raise ConfigError("must be a positive number of bytes", setting="memory_budget")
         self.analysis()  # validates keep, reference, align mode
 
     def analysis(self) -> AnalysisConfig:

@@ -1,7 +1,8 @@
 """Project exceptions.
 
-Library code raises these, each with a message that names the problem and the fix;
-only :mod:`dwarf3gpu.cli` turns them into a printed message and an exit code.
+Library code raises these, each with a message that names the problem and the fix in terms of the Python API
+(a setting of :class:`~dwarf3gpu.config.StackConfig` or an argument, never a command-line flag); only
+:mod:`dwarf3gpu.cli` turns them into a printed message and an exit code, naming the flag of ``setting``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,30 @@ __all__ = ["Dwarf3Error", "FitsReadError", "SessionError", "ConfigError", "Backe
 class Dwarf3Error(Exception):
     """Base class of every error raised on purpose by dwarf3gpu.
 
+    Parameters
+    ----------
+    message : str
+        The problem and the fix.
+    setting : str, optional
+        The setting or argument with the bad value (e.g. ``"keep"``, ``"memory_budget"``); the message then reads
+        ``"<setting>: <message>"`` and the CLI names the matching flag instead.
+
     Attributes
     ----------
     exit_code : int
         Exit status the CLI uses for this error (1 = processing failure, 2 = usage).
+    setting : str or None
+        As given.
+    detail : str
+        The message without the setting's name.
     """
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *, setting: str | None = None):
+        self.setting = setting
+        self.detail = message
+        super().__init__(f"{setting}: {message}" if setting else message)
 
 
 class FitsReadError(Dwarf3Error):

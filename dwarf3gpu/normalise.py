@@ -54,7 +54,7 @@ def normalisation(ref_bg, frame_bg, mode: str = "additive") -> tuple[np.ndarray,
         if not (np.all(ref > 0) and np.all(bg > 0)):
             raise ConfigError(
                 f"multiplicative normalisation needs positive background levels (reference {ref.tolist()}, "
-                f"frame {bg.tolist()}); use --normalisation additive"
+                f"frame {bg.tolist()}); use additive normalisation"
             )
         return np.zeros(shape), ref / bg + np.zeros(shape)
     if mode == "none":

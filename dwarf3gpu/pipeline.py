@@ -119,7 +119,7 @@ def stack_session(
     t_start = time.perf_counter()
     workers = max(1, workers or default_workers())
     if config.dark not in ("auto", "none") and not Path(config.dark).is_file():
-        raise ConfigError(f"--dark {config.dark}: no such file (give a FITS master dark, 'auto' or 'none')")
+        raise ConfigError(f"{config.dark}: no such file (give a FITS master dark, 'auto' or 'none')", setting="dark")
     ops = get_backend(config.backend, device=config.device)
     found = discover(session, include_failed=config.include_failed)
     out_dir = output_dir_for(found.path, output_root)
@@ -136,7 +136,7 @@ def stack_session(
         save_transforms_file(analysis, save_transforms)
     kept = analysis.kept
     if not kept:
-        raise SessionError("every frame was rejected; see the table (loosen --keep or the hard limits)")
+        raise SessionError("every frame was rejected; see the table (keep a larger fraction or loosen the hard limits)")
 
     outputs: dict[str, Path] = {}
     stacked = None
@@ -183,7 +183,7 @@ def _apply_frame_list(found: Session, frame_list: Sequence[str] | None) -> list[
     unknown = [n for n in wanted if Path(n).name not in names]
     if unknown:
         raise ConfigError(
-            f"--frame-list names {len(unknown)} file(s) that are not lights of this session, e.g. {unknown[0]!r}"
+            f"names {len(unknown)} file(s) that are not lights of this session, e.g. {unknown[0]!r}", setting="frame_list"
         )
     keep = {Path(n).name for n in wanted}
     dropped = [f for f in found.lights if f.name not in keep]
@@ -198,7 +198,8 @@ def load_transforms_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         frames = data["frames"]
         out = {name: np.asarray(m, float) for name, m in frames.items() if m is not None}
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"cannot read transforms from {path}: {exc} (write one with --save-transforms)") from exc
+        raise ConfigError(f"cannot read transforms from {path}: {exc} (write them with save_transforms)",
+                          setting="load_transforms") from exc
     bad = [n for n, m in out.items() if m.shape != (2, 3)]
     if bad:
         raise ConfigError(f"{path}: transform of {bad[0]!r} is not a 2x3 matrix")

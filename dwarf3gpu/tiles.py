@@ -188,8 +188,8 @@ def plan_tiles(
         raise ConfigError(
             f"the memory budget of {budget / 2**20:.0f} MiB is too small to stack {n_frames} frames of "
             f"{width}x{height} ({channels} channel{'s' if channels > 1 else ''}): a {needed[0]}x{needed[1]} tile "
-            f"needs {math.ceil(need / 2**20)} MiB. Raise the memory budget (to at least {math.ceil(need / 2**30)}G) or "
-            f"stack fewer frames"
+            f"needs {math.ceil(need / 2**20)} MiB. Raise the memory budget (e.g. to {math.ceil(need / 2**30)}G) or "
+            f"stack fewer frames", setting="memory_budget"
         )
     if tile_shape is None:  # the same number of tiles, evened out
         rows, cols = _balanced(height, rows, multiple), _balanced(width, cols, multiple)

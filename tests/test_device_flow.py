@@ -1,13 +1,14 @@
-"""The GPU backend's stacking data flow, run on the CPU: tiles kept in "device" arrays.
+"""The CUDA data flow, run on the CPU: every render path stays in "device" arrays from upload to tile result.
 
-CI has no GPU, so :class:`~dwarf3gpu.backends.cuda.CudaBackend` never runs here. What its stacking loop does
-differently from the CPU backend -- tile buffers allocated with the backend's array module
-(``stack_tiles(xp=backend.xp)``), the lattice renders written into device views from the uploaded raw window,
-``isfinite`` and the clip on the device, the results brought back with ``asnumpy`` -- is exercised with a stand-in
-array module: NumPy arrays of a subclass that, like CuPy's, refuse to mix with host arrays in any ufunc (CuPy raises
-``TypeError`` on implicit host/device conversion). A backend built like ``CudaBackend`` (the same ``KernelOps`` on
-that module, launched through the CPU build of the kernels) must then stack a session to the CPU backend's master,
-bit for bit.
+CI has no GPU, so the CUDA launch target never runs here. What differs on CUDA -- tile buffers allocated with the
+target's array module, each frame's raw window uploaded once per tile and calibrated, debayered, resampled and
+normalised there, the clip run where the tile lives, only each tile's results downloaded -- is exercised with a
+stand-in array module: NumPy arrays of a subclass that, like CuPy's, refuse to mix with host arrays in any ufunc
+(CuPy raises ``TypeError`` on implicit host/device conversion), and whose uploads (``asarray`` of a host array) and
+downloads (``asnumpy``) are counted. :class:`~dwarf3gpu.backends.stage_ops.KernelStageOps` on that module, launched
+through the CPU build of the kernels, must stack every ``--debayer``/``--demosaic`` path, with and without a dark, to
+the CPU backend's outputs bit for bit, with exactly one raw-window upload per frame and tile and three downloads per
+tile (mean, coverage, rejected): any host round trip in a render path would add downloads and fail the test.
 """
 
 from __future__ import annotations
@@ -19,10 +20,16 @@ import pytest
 from astropy.io import fits
 
 import dwarf3gpu.pipeline as pipeline
-from dwarf3gpu.backends import CpuBackend, native
-from dwarf3gpu.backends.kernel_ops import KernelOps
-from dwarf3gpu.backends.kernels import define_value
+from dwarf3gpu.backends import KernelStageOps, cpu_backend
+from dwarf3gpu.backends import cpu_build
+from dwarf3gpu.backends.kernel_source import define_value
+from dwarf3gpu.clip import ClipSettings
 from dwarf3gpu.config import StackConfig
+from dwarf3gpu.errors import BackendUnavailableError
+from dwarf3gpu.simulate import SimulationConfig, simulate_session
+
+#: Uploads of fewer elements are kernel parameters (a transform, frame weights), not image data.
+SMALL_UPLOAD = 64
 
 
 class DeviceArray(np.ndarray):
@@ -44,59 +51,97 @@ def _device(value):
     return value.view(DeviceArray) if isinstance(value, np.ndarray) else value
 
 
-def _device_module() -> types.SimpleNamespace:
-    """The CuPy calls the backend code makes, on DeviceArray ("uploads" are copies)."""
+class Transfers:
+    """Counts of the stand-in module's uploads and downloads."""
+
+    def __init__(self):
+        self.uploads: list[tuple[str, int]] = []  # (dtype name, elements) of every host -> device copy
+        self.downloads = 0
+
+    def data_uploads(self, dtype: str) -> int:
+        """Uploads of image data (at least SMALL_UPLOAD elements) of ``dtype``."""
+        return sum(1 for kind, size in self.uploads if kind == dtype and size >= SMALL_UPLOAD)
+
+
+def _device_module(transfers: Transfers) -> types.SimpleNamespace:
+    """The CuPy calls the stage operations make, on DeviceArray ("uploads" are counted copies)."""
 
     def asarray(a, dtype=None):
-        if isinstance(a, DeviceArray) and (dtype is None or a.dtype == dtype):
-            return a
-        return np.array(np.asarray(a), dtype=dtype).view(DeviceArray)
+        if isinstance(a, DeviceArray):
+            return a if dtype is None or a.dtype == dtype else a.astype(dtype)
+        host = np.asarray(a)
+        if host.ndim:
+            transfers.uploads.append((host.dtype.name, host.size))
+        return np.array(host, dtype=dtype).view(DeviceArray)
 
     def ascontiguousarray(a, dtype=None):
         a = asarray(a, dtype)
         return a if a.flags.c_contiguous else np.ascontiguousarray(a.view(np.ndarray)).view(DeviceArray)
 
+    def asnumpy(a):
+        transfers.downloads += 1
+        return np.array(a.view(np.ndarray) if isinstance(a, DeviceArray) else a)
+
     return types.SimpleNamespace(
-        ndarray=DeviceArray, float32=np.float32, float64=np.float64, int32=np.int32, uint8=np.uint8,
+        ndarray=DeviceArray, float32=np.float32, float64=np.float64, int32=np.int32, int16=np.int16, uint8=np.uint8,
         uint16=np.uint16, bool_=np.bool_,
         empty=lambda shape, dtype=np.float32: np.empty(shape, dtype).view(DeviceArray),
         zeros=lambda shape, dtype=np.float32: np.zeros(shape, dtype).view(DeviceArray),
-        asarray=asarray, ascontiguousarray=ascontiguousarray,
+        asarray=asarray, ascontiguousarray=ascontiguousarray, asnumpy=asnumpy,
         isfinite=np.isfinite, sum=lambda a, dtype=None: np.sum(a.view(np.ndarray), dtype=dtype),
-        asnumpy=lambda a: np.array(a.view(np.ndarray) if isinstance(a, DeviceArray) else a),
     )
 
 
-class DeviceFlowBackend(CpuBackend):
-    """CudaBackend's stacking path with the stand-in module: KernelOps on "device" arrays, launched through the
-    CPU build; the other stages stay the CPU backend's (as CudaBackend's return host arrays)."""
+class StandInTarget:
+    """A launch target like the CUDA one: the stand-in array module, kernels launched through the CPU build."""
 
     name = "device-standin"
 
-    def __init__(self, memory_budget: int):
-        super().__init__()
-        self._memory_budget = memory_budget
-        kernels = native.load()
-        self.xp = _device_module()
-        self.device_ops = KernelOps(kernels.launch, self.xp, define_value("D3_CLIP_MAX_FRAMES"))
+    def __init__(self, budget: int):
+        self.build = cpu_build.load()
+        self.transfers = Transfers()
+        self.xp = _device_module(self.transfers)
+        self.budget = budget
+        self.clip_max_frames = define_value("D3_CLIP_MAX_FRAMES")
+
+    def launch(self, name, grid, block, *args):
+        for arg in args:
+            if isinstance(arg, np.ndarray) and arg.ndim:
+                assert isinstance(arg, DeviceArray), f"{name}: a kernel argument lives on the host"
+        self.build.launch(name, grid, block, *args)
+
+    def to_host(self, array):
+        return self.xp.asnumpy(array)
 
     def memory_budget(self) -> int:
-        return self._memory_budget
+        return self.budget
 
-    def warp_lattice(self, mosaic, pattern, matrix, out_shape, out=None, **kwargs):
-        if out is None:  # a single render (the reference frame's noise): host arrays, as CudaBackend returns
-            return super().warp_lattice(mosaic, pattern, matrix, out_shape, **kwargs)
-        assert all(isinstance(a, DeviceArray) for a in out), "the stacking loop must hand device views"
-        self.device_renders = getattr(self, "device_renders", 0) + 1
-        return self.device_ops.warp_lattice(mosaic, pattern, matrix, out_shape, out=out, **kwargs)
+    def describe(self) -> dict:
+        return {"name": self.name}
 
-    def clip_into(self, stack, *args, **kwargs):
-        assert isinstance(stack, DeviceArray), "the tile must be clipped where it lives"
-        self.device_ops.clip_into(stack, *args, **kwargs)
+    def clip_kernel_max_frames(self, settings: ClipSettings) -> int:
+        return self.clip_max_frames if settings.median or settings.mad_std else 2**31 - 1
+
+
+@pytest.fixture(scope="module")
+def cpu_build_or_skip():
+    try:
+        return cpu_build.load()
+    except BackendUnavailableError as exc:  # no C++ compiler: the CPU build cannot stand in for the GPU
+        pytest.skip(f"needs the CPU build of the kernels: {exc}")
+
+
+@pytest.fixture(scope="module")
+def dark_session(tmp_path_factory):
+    """A small EQ session with a dark library (the dark offset path: float32 windows)."""
+    config = SimulationConfig(n_frames=5, width=320, height=256, mode="eq", drift_px_per_hour=300.0, n_failed=0,
+                              n_cloudy=0, n_trailed=0, n_bad_seeing=0, clutter=False, seed=5, with_darks=True,
+                              hot_pixels_per_megapixel=400.0, galaxy=False)
+    return simulate_session(tmp_path_factory.mktemp("device_flow_darks"), config)
 
 
 def test_the_standin_refuses_to_mix_host_and_device():
-    xp = _device_module()
+    xp = _device_module(Transfers())
     device = xp.zeros(4, np.float32)
     with pytest.raises(TypeError, match="implicit conversion"):
         device += np.ones(4, np.float32)
@@ -104,27 +149,72 @@ def test_the_standin_refuses_to_mix_host_and_device():
     assert isinstance(device, DeviceArray) and float(xp.sum(device)) == 4.0
 
 
-@pytest.mark.parametrize("settings", [{}, {"demosaic": "bilinear"}, {"debayer": "none"}],
-                         ids=["lattice", "bilinear", "cfa"])
-def test_device_resident_tiles_give_the_cpu_master(small_session, big_budget, settings, tmp_path, monkeypatch):
-    """The default path renders into the device tile (every render counted); the other paths render on the host
-    and are copied into it; all give the CPU backend's outputs bit for bit over several tiles."""
-    try:
-        native.load()
-    except Exception as exc:  # no C++ compiler: the CPU build cannot stand in for the GPU
-        pytest.skip(f"needs the CPU build of the kernels: {exc}")
-    sim = small_session
-    config = StackConfig(memory_budget=48 << 20, **settings)  # several tiles
-    cpu = pipeline.stack_session(sim.session_dir, tmp_path / "cpu", config, workers=2, use_cache=False)
-    backend = DeviceFlowBackend(memory_budget=big_budget)
-    monkeypatch.setattr(pipeline, "get_backend", lambda *a, **k: backend)
-    dev = pipeline.stack_session(sim.session_dir, tmp_path / "dev", config, workers=2, use_cache=False)
-    lattice = not settings
-    expected_renders = len(dev.kept) * dev.manifest["stack"]["tile_plan"]["n_tiles"] if lattice else 0
-    assert getattr(backend, "device_renders", 0) == expected_renders
-    assert dev.manifest["stack"]["tile_plan"]["tile_buffers"] == "device"
-    assert cpu.manifest["stack"]["tile_plan"]["tile_buffers"] == "host"
-    assert dev.manifest["stack"]["tile_plan"]["n_tiles"] > 1
+PATHS = {
+    "lattice": {}, "bilinear": {"demosaic": "bilinear"}, "mhc": {"demosaic": "mhc"},
+    "superpixel": {"debayer": "superpixel"}, "bayer-first": {"debayer": "bayer-first"}, "cfa": {"debayer": "none"},
+    "integer-bicubic": {"align_mode": "integer", "demosaic": "bilinear", "interpolation": "bicubic"},
+}
+
+
+@pytest.mark.parametrize("session_kind, settings", [("lights", s) for s in PATHS.values()]
+                         + [("darks", PATHS["lattice"]), ("darks", PATHS["mhc"]), ("darks", PATHS["cfa"])],
+                         ids=[f"lights-{k}" for k in PATHS] + ["darks-lattice", "darks-mhc", "darks-cfa"])
+def test_every_render_path_stays_on_the_device(cpu_build_or_skip, small_session, dark_session, big_budget, session_kind,
+                                               settings, tmp_path, monkeypatch):
+    """Each path gives the CPU backend's master, coverage and rejected map bit for bit over several tiles, with one
+    raw-window upload per frame and tile (plus the reference frame's single render) and one download of each tile
+    result (plus the single render's data and mask, and the debayered master of ``bayer-first``)."""
+    session = small_session if session_kind == "lights" else dark_session
+    small = settings.get("debayer") == "superpixel" or session_kind == "darks"
+    budget = (30 << 20) if small else 48 << 20  # several tiles
+    config = StackConfig(memory_budget=budget, **settings)
+    cpu = pipeline.stack_session(session.session_dir, tmp_path / "cpu", config, workers=2, use_cache=False)
+    target = StandInTarget(big_budget)
+    ops = KernelStageOps(target)
+    monkeypatch.setattr(pipeline, "get_backend", lambda *a, **k: ops)
+    dev = pipeline.stack_session(session.session_dir, tmp_path / "dev", config, workers=2, use_cache=False)
+
+    plan = dev.manifest["stack"]["tile_plan"]
+    calibration = dev.manifest["calibration"]
+    assert calibration["used"] if session_kind == "darks" else calibration["hot_pixels_from_lights"]
+    assert plan["tile_buffers"] == "device" and cpu.manifest["stack"]["tile_plan"]["tile_buffers"] == "host"
+    assert plan["n_tiles"] > 1
     for key in ("master_linear", "coverage", "rejected_map"):
         a, b = fits.getdata(cpu.outputs[key]), fits.getdata(dev.outputs[key])
         assert np.array_equal(a, b, equal_nan=True), key
+
+    transfers = target.transfers
+    windows = len(dev.kept) * plan["n_tiles"] + 1  # every frame on every tile, and the reference frame alone
+    assert transfers.data_uploads("uint16") == windows  # raw windows as read (a dark makes them float32 there)
+    # once per run: the dark offset (float32), the hot-pixel map (uint8) and list (int32), the Lanczos tables
+    # (once per thread that first needs them); and the master's debayer input for bayer-first
+    assert transfers.data_uploads("float32") <= 3 + 2 * 2 + (config.debayer == "bayer-first")
+    assert transfers.data_uploads("uint8") <= 1 and transfers.data_uploads("int32") <= 2
+    downloads = 3 * plan["n_tiles"] + 2 + (config.debayer == "bayer-first")
+    assert transfers.downloads == downloads
+
+
+def test_a_host_round_trip_is_caught(cpu_build_or_skip, small_session, big_budget, tmp_path, monkeypatch):
+    """The check above can fail: a renderer that brings each render back to the host and uploads it again (the
+    old non-lattice data flow) breaks the download count."""
+    from dwarf3gpu import render
+
+    original = render.FrameRenderer.render_into
+
+    def round_trip(self, index, row0, row1, col0, col1, data, valid, weight):
+        original(self, index, row0, row1, col0, col1, data, valid, weight)
+        data[...] = self.ops.upload(self.ops.download(data))
+
+    target = StandInTarget(big_budget)
+    ops = KernelStageOps(target)
+    monkeypatch.setattr(pipeline, "get_backend", lambda *a, **k: ops)
+    monkeypatch.setattr(render.FrameRenderer, "render_into", round_trip)
+    dev = pipeline.stack_session(small_session.session_dir, tmp_path / "dev", StackConfig(memory_budget=48 << 20),
+                                 workers=2, use_cache=False)
+    n_tiles = dev.manifest["stack"]["tile_plan"]["n_tiles"]
+    assert target.transfers.downloads > 3 * n_tiles + 2
+
+
+def test_cpu_backend_is_the_cpu_build(cpu_build_or_skip):
+    ops = cpu_backend()
+    assert isinstance(ops, KernelStageOps) and ops.xp is np and ops.name == "cpu"

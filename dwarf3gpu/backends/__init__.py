@@ -58,9 +58,9 @@ def get_backend(name: str = "auto", device: int = 0) -> StageOps:
         Unknown name or a negative device.
     """
     if name not in BACKEND_NAMES:
-        raise ConfigError(f"the backend must be one of {', '.join(BACKEND_NAMES)}; got {name!r}")
+        raise ConfigError(f"must be one of {', '.join(BACKEND_NAMES)}; got {name!r}", setting="backend")
     if int(device) < 0:
-        raise ConfigError(f"the CUDA device must be >= 0; got {device}")
+        raise ConfigError(f"must be >= 0; got {device}", setting="device")
     if name == "cpu":
         return cpu_backend()
     reason = cuda_unavailable_reason()
@@ -74,7 +74,8 @@ def get_backend(name: str = "auto", device: int = 0) -> StageOps:
         except BackendUnavailableError as exc:
             return cpu_backend(fallback_reason=str(exc))
     if name == "cuda":
-        raise BackendUnavailableError(f"the CUDA backend cannot run: {reason}. Use the CPU backend (or auto).")
+        raise BackendUnavailableError(f"the CUDA backend cannot run: {reason}. Use the CPU backend (or auto).",
+                                      setting="backend")
     return cpu_backend(fallback_reason=reason)
 
 
