@@ -35,25 +35,27 @@ D3_DEVICE bool d3_hot_median(const T* window, int h, int w, int row0, int col0, 
     return true;
 }
 
-extern "C" __global__ void d3_repair_hot(float* window, int h, int w, int row0, int col0,
-                                         const unsigned char* hot, int frame_w, const int* hot_rows,
-                                         const int* hot_cols, int first, int count) {
-    const long long t = d3_global_x();
-    if (t >= count) return;
-    const int r = hot_rows[first + t] - row0, c = hot_cols[first + t] - col0;
-    if (r < 0 || r >= h || c < 0 || c >= w) return;
-    float median;
-    if (d3_hot_median(window, h, w, row0, col0, hot, frame_w, r, c, &median)) window[(long long)r * w + c] = median;
-}
-
-extern "C" __global__ void d3_repair_hot_u16(unsigned short* window, int h, int w, int row0, int col0,
-                                             const unsigned char* hot, int frame_w, const int* hot_rows,
-                                             const int* hot_cols, int first, int count) {
+// Thread t of a repair launch: the hot pixel first + t of the frame's list, when it lies in the window.
+template <typename T>
+D3_DEVICE void d3_repair_one(T* window, int h, int w, int row0, int col0, const unsigned char* hot, int frame_w,
+                             const int* hot_rows, const int* hot_cols, int first, int count, bool round) {
     const long long t = d3_global_x();
     if (t >= count) return;
     const int r = hot_rows[first + t] - row0, c = hot_cols[first + t] - col0;
     if (r < 0 || r >= h || c < 0 || c >= w) return;
     float median;
     if (d3_hot_median(window, h, w, row0, col0, hot, frame_w, r, c, &median))
-        window[(long long)r * w + c] = (unsigned short)rintf(median);
+        window[(long long)r * w + c] = (T)(round ? rintf(median) : median);
+}
+
+extern "C" __global__ void d3_repair_hot(float* window, int h, int w, int row0, int col0,
+                                         const unsigned char* hot, int frame_w, const int* hot_rows,
+                                         const int* hot_cols, int first, int count) {
+    d3_repair_one(window, h, w, row0, col0, hot, frame_w, hot_rows, hot_cols, first, count, false);
+}
+
+extern "C" __global__ void d3_repair_hot_u16(unsigned short* window, int h, int w, int row0, int col0,
+                                             const unsigned char* hot, int frame_w, const int* hot_rows,
+                                             const int* hot_cols, int first, int count) {
+    d3_repair_one(window, h, w, row0, col0, hot, frame_w, hot_rows, hot_cols, first, count, true);
 }

@@ -1,4 +1,4 @@
-"""Acceptance tests of ``dwarf3 frames --scored``: registration accuracy against the simulator's truth, ranking of
+"""End-to-end tests of ``dwarf3 frames --scored``: registration accuracy against the simulator's truth, ranking of
 cloudy / trailed / bad-seeing frames, hot pixels, the real Seestar frames, worker invariance, the caches and the CLI.
 
 Every expectation comes from an independent reference: the simulator's ground truth (transforms, flags, hot
@@ -43,7 +43,7 @@ from dwarf3gpu.stars import detect_stars
 
 runner = CliRunner()
 
-#: The registration target of the issue, px RMS over the whole frame, held for every frame, bad seeing included
+#: The registration accuracy required, px RMS over the whole frame, held for every frame, bad seeing included
 #: (centroids on every pixel of the mosaic, METHODS.md "Star detection"; flux-weighted fit, "Registration"). These
 #: two sessions reach 0.027 px (clean, trailed, cloudy) and 0.041 px (the alt-az bad-seeing frame: FWHM 6.3 px,
 #: 64 degrees from the reference, 164 pairs; 0.085 px with the former green-only centroids). Over 23 sessions

@@ -1,4 +1,4 @@
-"""Acceptance tests of ``stack_session`` and ``dwarf3 stack``: simulated DWARF 3 sessions checked against their truth.
+"""End-to-end tests of ``stack_session`` and ``dwarf3 stack``: simulated DWARF 3 sessions checked against their truth.
 
 Three sessions are simulated once and stacked once per configuration (module-scoped fixtures; ``small`` is
 conftest.py's ``small_session``, simulated once per test run):
