@@ -6,7 +6,7 @@ stage (stars, scores, transforms) is not changed.
 
 - :func:`build_master_dark` makes the master dark of a matched calibration candidate (per-pixel median of a raw
   ``DWARF_DARK`` set, or a device ``CALI_FRAME`` master read as it is), cached under
-  ``<out>/cache/calibration/<key>/`` where ``key`` hashes the dark files' identities; nothing is written next to
+  ``<out>/cache/dark/<key>/`` where ``key`` hashes the dark files' identities; nothing is written next to
   the darks or under the session folder.
 - :func:`hot_pixel_map` flags the pixels of the master dark far above their Bayer site's level.
 - :func:`check_dark` measures, on the reference light, whether subtracting the dark helps (fewer same-colour
@@ -14,7 +14,7 @@ stage (stars, scores, transforms) is not changed.
 - Without a usable dark, :func:`hot_pixels_from_lights` finds the hot pixels in the per-pixel minimum of a few
   lights (fixed on the sensor while the sky moves) as single-pixel spikes, and they are repaired the same way.
 
-Formulas, thresholds and why: METHODS.md, section "Calibration".
+Formulas, thresholds and why: METHODS.md, section "Dark calibration".
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def build_master_dark(
     source : CalibrationCandidate or pathlib.Path
         A ``raw_dark_set`` / ``master_dark`` candidate, or the path of a FITS master dark.
     cache_root : pathlib.Path or None
-        ``<out>/cache/calibration``: the master is cached in ``<cache_root>/<key>/`` (None: no cache).
+        ``<out>/cache/dark``: the master is cached in ``<cache_root>/<key>/`` (None: no cache).
     shape : tuple of int
         (H, W) of the lights; another size is an error.
     refresh : bool

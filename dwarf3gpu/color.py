@@ -3,8 +3,8 @@
 Images are float32 arrays of shape (3, H, W) holding R, G, B, linear, with NaN where no frame contributed. NaN pixels
 are ignored by every statistic and stay NaN through every operation here. Nothing in this module changes its input:
 every function returns a new array. The linear master that the stacker writes is never colour-corrected; the
-calibration measured here is recorded (FITS header cards, ``cache/calibration.json``) and applied to the previews.
-Formulas and the reasons behind them are in METHODS.md ("Colour").
+calibration measured here is recorded (FITS header cards, ``cache/colour_calibration.json``) and applied to the previews.
+Formulas and the reasons behind them are in METHODS.md ("Colour calibration and previews").
 """
 
 from __future__ import annotations

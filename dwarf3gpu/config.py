@@ -83,7 +83,7 @@ class StackConfig:
         ``"auto"`` (default: the best dark matched by camera, exposure, gain and temperature, when one exists;
         without a usable one, hot pixels found in the lights), ``"none"`` (nothing), or the path of a FITS master
         dark (``--dark``). The dark is subtracted and its hot pixels repaired before warping, unless the check on
-        the reference light finds it makes things worse (see METHODS.md, "Calibration").
+        the reference light finds it makes things worse (see METHODS.md, "Dark calibration").
     """
 
     keep: float = 0.92

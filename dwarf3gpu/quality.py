@@ -3,7 +3,7 @@
 Metrics come from the star detection on the green luminance proxy (see ``stars.py``): background, robust noise,
 star count, median FWHM and eccentricity; plus the saturated fraction of the raw mosaic and, once the frame is
 registered, its transparency (flux of matched stars relative to the reference). Formulas and the reasons behind
-them are in METHODS.md ("Frame metrics and scores", "Selection").
+them are in METHODS.md ("Frame metrics, scores and selection").
 """
 
 from __future__ import annotations

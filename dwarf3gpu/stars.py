@@ -4,7 +4,7 @@ Stars are *found* on a half-resolution luminance proxy (the mean of the two gree
 cell) and *measured* on the full-resolution mosaic: positions on every pixel, each colour against its own
 local sky; flux and shape on the green pixels. Positions are in full-resolution mosaic pixels with the origin
 at the centre of pixel (0, 0) (METHODS.md, "Conventions"). The method, the rejection criteria for hot pixels,
-cosmic rays and trails, and the measured speed and accuracy are in METHODS.md, section "Star detection".
+cosmic rays and trails are in METHODS.md, section "Star detection"; speed in benchmarks/RESULTS.md.
 
 Examples
 --------
@@ -52,7 +52,7 @@ far wider) is a trail: no star is taken from it, and it counts in ``StarList.n_t
 WINDOW_PER_SIGMA = 1.1
 """Measuring window: Gaussian of this many times the frame's median star sigma (Gaussian-equivalent), at least
 :data:`MIN_WINDOW`. Near the noise optimum of a faint star (1 for a Gaussian); a narrower window also takes in
-less light of neighbouring stars (measurements in METHODS.md)."""
+less light of neighbouring stars."""
 
 MIN_WINDOW = 1.5
 """Smallest measuring window, full-resolution pixels: a narrower one samples an undersampled star (FWHM near

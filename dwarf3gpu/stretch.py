@@ -2,7 +2,7 @@
 
 Images are float32 arrays of shape (3, H, W) holding R, G, B, with NaN where there are no data. Statistics ignore
 NaN; the previews show it black. A stretch returns a new display-referred image with values in [0, 1]; the linear
-data passed in are never modified. Formulas and the reasons behind them are in METHODS.md ("Stretch and previews").
+data passed in are never modified. Formulas and the reasons behind them are in METHODS.md ("Colour calibration and previews").
 """
 
 from __future__ import annotations
