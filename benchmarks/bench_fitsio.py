@@ -17,7 +17,7 @@ from astropy.io import fits
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_of, machine, print_table, save  # noqa: E402
 
-from dwarf3gpu.fitsio import read_fits, read_raw_uint16, write_raw_uint16  # noqa: E402
+from dwarf3gpu.fitsio import read_fits, read_raw_uint16, read_raw_window, write_raw_uint16  # noqa: E402
 
 
 def main() -> None:
@@ -29,6 +29,7 @@ def main() -> None:
         path = Path(tmp) / "frame.fits"
         write_raw_uint16(data, path)
         candidates = {
+            "dwarf3gpu read_raw_window (uint16, the pipeline's raw reader)": lambda: read_raw_window(path),
             "dwarf3gpu read_raw_uint16 (uint16)": lambda: read_raw_uint16(path),
             "dwarf3gpu read_fits (float32, fast path)": lambda: read_fits(path),
             "dwarf3gpu read_fits (float32, fast=False)": lambda: read_fits(path, fast=False),

@@ -3,13 +3,13 @@
 Run: ``python benchmarks/bench_frames.py [--frames 12] [--size 3856x2180] [--repeat 3]``.
 
 A default alt-az session is simulated into a temporary folder. Every light is then taken through the stages of
-:func:`dwarf3gpu.analysis.analyze_session` on one core (``cv2.setNumThreads(1)``): **read**
-(``read_raw_uint16``, from the page cache), **detect** (``detect_stars``; its luminance proxy is also shown on
-its own), **measure** (``frame_metrics``) and **match** (``register_frame`` onto the first light's star list,
-with the image fallback the pipeline uses, plus ``transparency``; the first light is the reference and is not
-matched). Each stage is timed ``--repeat`` times per frame, after the untimed call that gives the next stage
-its input; a frame's time is its best run, and the table gives the median, best and worst over the frames.
-The per-core total is the sum of the stage medians.
+:func:`dwarf3gpu.analysis.analyze_session` on one core (``cv2.setNumThreads(1)``): **read** (``read_raw_window``,
+the pipeline's raw reader, from the page cache), **detect** (``detect_stars``; its luminance proxy is also shown
+on its own), **measure** (``frame_metrics``) and **match** (``register_frame`` onto the first light's star list,
+with the flux weights and the image fallback the pipeline uses, plus ``transparency``; the first light is the
+reference and is not matched). Each stage is timed ``--repeat`` times per frame, after the untimed call that
+gives the next stage its input; a frame's time is its best run, and the table gives the median, best and worst
+over the frames. The per-core total is the sum of the stage medians.
 
 References, in the same run:
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import best_of, machine, print_table, save  # noqa: E402
 
 from dwarf3gpu.analysis import AnalysisConfig, analyze_session  # noqa: E402
-from dwarf3gpu.fitsio import read_raw_uint16  # noqa: E402
+from dwarf3gpu.fitsio import read_raw_window  # noqa: E402
 from dwarf3gpu.quality import frame_metrics, transparency  # noqa: E402
 from dwarf3gpu.register import register_frame  # noqa: E402
 from dwarf3gpu.session import LightFrame, discover  # noqa: E402
@@ -59,12 +59,14 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _match(stars: StarList, ref: StarList, path: Path, ref_path: Path, bayer: str) -> bool:
-    """Register a frame's stars on the reference's and measure the transparency, as the pipeline does."""
+    """Register a frame's stars on the reference's and measure the transparency, as the pipeline does (a saturated
+    star's flux weight is the centroid floor's, inf)."""
 
     def images() -> tuple[np.ndarray, np.ndarray]:
-        return (luminance_proxy(read_raw_uint16(path)[0], bayer), luminance_proxy(read_raw_uint16(ref_path)[0], bayer))
+        return luminance_proxy(read_raw_window(path), bayer), luminance_proxy(read_raw_window(ref_path), bayer)
 
-    reg = register_frame(stars.xy(), ref.xy(), images=images, image_bin=2)
+    flux, ref_flux = (np.where(np.asarray(s.saturated, bool), np.inf, np.asarray(s.flux, float)) for s in (stars, ref))
+    reg = register_frame(stars.xy(), ref.xy(), frame_flux=flux, ref_flux=ref_flux, images=images, image_bin=2)
     if reg.ok:
         good, ref_good = ~stars.saturated, ~ref.saturated
         transparency(stars.xy()[good], stars.flux[good], ref.xy()[ref_good], ref.flux[ref_good], reg.matrix)
@@ -111,13 +113,13 @@ def time_stages(lights: list[LightFrame], config: AnalysisConfig, repeat: int) -
     times: dict[str, list[float]] = {k: [] for k in ("read", "proxy", "detect", "measure", "match", "sep", "aa")}
     n_stars, n_sep, n_matched, n_aa = [], [], 0, 0
     ref_path, bayer = lights[0].path, lights[0].bayer_pattern
-    ref_mosaic = read_raw_uint16(ref_path)[0]
+    ref_mosaic = read_raw_window(ref_path)
     ref_stars = detect_stars(ref_mosaic, bayer, threshold_sigma=config.threshold_sigma, max_stars=config.max_stars,
                              saturation=config.saturation)
     ref_proxy = luminance_proxy(ref_mosaic, bayer)
     for i, light in enumerate(lights):
         path = light.path
-        mosaic = read_raw_uint16(path)[0]
+        mosaic = read_raw_window(path)
         proxy = luminance_proxy(mosaic, bayer)
 
         def detect() -> StarList:
@@ -128,7 +130,7 @@ def time_stages(lights: list[LightFrame], config: AnalysisConfig, repeat: int) -
         n_stars.append(len(stars))
         n_sep.append(_sep_extract(proxy, config.threshold_sigma))
         stages = {
-            "read": lambda: read_raw_uint16(path),
+            "read": lambda: read_raw_window(path),
             "proxy": lambda: luminance_proxy(mosaic, bayer),
             "detect": detect,
             "measure": lambda: frame_metrics(mosaic, stars, saturation=config.saturation),
@@ -145,7 +147,7 @@ def time_stages(lights: list[LightFrame], config: AnalysisConfig, repeat: int) -
     n_pairs = len(lights) - 1
     total = sum(statistics.median(times[k]) for k in ("read", "detect", "measure", "match"))
     rows = [
-        _stage_row("read (read_raw_uint16)", times["read"], "page cache, decode only"),
+        _stage_row("read (read_raw_window)", times["read"], "page cache, decode only"),
         _stage_row("detect (detect_stars)", times["detect"], f"median {statistics.median(n_stars):.0f} stars kept"),
         _stage_row("  of which luminance_proxy", times["proxy"], "inside detect"),
         _stage_row("measure (frame_metrics)", times["measure"], ""),

@@ -1,36 +1,45 @@
 """``stack_session`` end to end on full-size alt-az sessions, per stage, with peak memory; and the sigma clipping
 next to ``astropy.stats.sigma_clip`` on one band of the same warped stack.
 
-Run: ``python benchmarks/bench_stack.py [--frames 40 120] [--workers 2] [--band-rows 256] [--repeat 2]``.
+Run: ``python benchmarks/bench_stack.py [--frames 40 120] [--workers 2] [--band-rows 256] [--repeat 2]
+[--size 3856x2180] [--no-reference]``.
 
-One default alt-az session (``SimulationConfig(n_frames=max(--frames), clutter=False)``, 3856x2180) is
+One default alt-az session (``SimulationConfig(n_frames=max(--frames), clutter=False)``, ``--size``) is
 simulated into a temporary folder; the simulation is timed but is no part of the result. The run for ``N``
 frames stacks the first ``N`` lights (a frame list), so the 40-frame run uses the first 40 lights of the
 120-frame session (its bad frames are wherever they fall). The frames are in the page cache.
 
 **End to end**: ``stack_session(session, config=StackConfig(debayer="rgb"), use_cache=False, workers=W,
 frame_list=...)`` runs in a fresh child process per ``N``. Per-stage times come from the result's
-``stats["timings_s"]`` (measure, register, stack, finish, total). The stack stage is split further, in the child,
-by the progress callback (time of the ``backgrounds`` pass) and by a timing wrapper around
-``clip_into`` of the CPU and CUDA backends (the clipping of every tile: a kernel, or NumPy); the
-rest of a tile is rendering (read, debayer, warp, normalise, copy into the tile buffer), and what remains of the
-stage is the reference-frame render for the noise gain. Peak memory: the child's own peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``, i.e. VmHWM; about
-0.5 GB of it is the interpreter and the imported libraries, ``peak_rss_self_before`` in the JSON) and the peak of
-the summed RSS of the child and all its descendants (the analysis process pool, its fork server), polled every
-0.1 s from this process. ``RUSAGE_CHILDREN`` is not used: the fork server is reaped only at exit, and a
-fork-and-exec'd child reports its parent's RSS at the fork. The child's user and system CPU seconds and minor page
-faults during the call are recorded too. The tile plan and the memory budget are read from the run manifest.
+``stats["timings_s"]`` (measure, register, calibrate, stack, finish, total). The stack stage is split further, in
+the child, by the progress callback (time of the ``backgrounds`` pass) and by a timing wrapper around the
+``clip_into`` of the stage operations (``KernelStageOps``, on the CPU build or CUDA, and ``ReferenceStageOps``, the
+CPU backend without a C++ compiler: the clipping of every tile, a kernel or NumPy; on CUDA the wrapper
+synchronises the device before and after, so the time is the clip's alone); the rest of a tile is rendering (read,
+dark calibration, debayer, warp, normalise, into the tile buffer), and what remains of the stage is the
+reference-frame render for the noise gain. Peak memory: the child's own peak RSS
+(``getrusage(RUSAGE_SELF).ru_maxrss``, i.e. VmHWM; about 0.5 GB of it is the interpreter and the imported
+libraries, ``peak_rss_self_before`` in the JSON) and the peak of the summed RSS of the child and all its
+descendants (the analysis process pool, its fork server), polled every 0.1 s from this process.
+``RUSAGE_CHILDREN`` is not used: the fork server is reaped only at exit, and a fork-and-exec'd child reports its
+parent's RSS at the fork. The child's user and system CPU seconds and minor page faults during the call are
+recorded too. The tile plan and the memory budget are read from the run manifest.
 
-**Stacking-stage reference**: in another child process, the same lights are analysed again (``analyze_session``,
-the same deterministic result) and the pipeline's own frame renderer (``pipeline._FrameRenderer``, set up as
-``pipeline._stack`` does) renders every kept frame's part of a band of ``--band-rows`` rows at the image centre:
-an (N, 3, rows, 3856) float32 stack, NaN where a frame does not cover a pixel. On that array, with sigma 3, 5
-iterations, median centre and ``mad_std`` spread (the pipeline's defaults):
+**Stacking-stage reference**: in another child process, the run manifest of that stack gives the kept frames,
+their applied transforms, their background levels and the reference frame; the dark calibration is prepared
+again as the pipeline does (``prepare_calibration``, same setting, same kept lights, no cache), and the pipeline's
+frame renderer (``dwarf3gpu.render.FrameRenderer`` on ``get_backend(config.backend)``, the same settings)
+renders every kept frame's part of a band of ``--band-rows`` rows at the image centre through ``render_into``: an
+(N, 3, rows, 3856) float32 stack, NaN where a frame does not cover a pixel (valid as the tile driver makes it:
+the renderer's mask and every channel finite). On that array, with sigma 3, 5 iterations, median centre and
+``mad_std`` spread (the pipeline's defaults), without weights:
 
-- ours: ``sigma_clip_mask_aware(stack, valid, ...)`` (the NumPy reference) with 1 thread and with ``--workers``
-  threads (clipping and mean of the kept samples in one call), and the CPU build of ``kernels/sigma_clip.cu``
-  (``native_ops().sigma_clip``, what the CPU backend clips with) with 1 and ``--workers`` OpenMP threads, plus
-  its agreement with the NumPy reference (rejected counts, largest mean difference);
+- ours: ``sigma_clip_mask_aware(stack, valid, ...)`` (the NumPy reference, :mod:`dwarf3gpu.clip`) with 1 thread
+  and with ``--workers`` threads (clipping and mean of the kept samples in one call), and the CPU build of
+  ``kernels/sigma_clip.cu`` (``KernelStageOps(cpu_build.load()).clip_into`` on the (N, 3, rows x 3856) view, what
+  the CPU backend clips with; beyond its ``clip_kernel_max_frames`` it clips with the reference, and the row
+  says so) with 1 and ``--workers`` OpenMP threads, plus its agreement with the NumPy reference (rejected
+  counts, largest mean difference);
 - astropy: ``sigma_clip(stack, axis=0, sigma=3, maxiters=5, cenfunc="median", stdfunc="mad_std",
   return_bounds=True)`` (its fast C path, one thread), then ``.mean(axis=0)`` of the masked result.
 
@@ -58,7 +67,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_of, machine, print_table, save  # noqa: E402
+from common import best_of, machine, print_table, save, stage_clip  # noqa: E402
 
 SIGMA, MAXITERS, CENFUNC, STDFUNC = 3.0, 5, "median", "mad_std"
 POLL_S = 0.1
@@ -124,32 +133,35 @@ def _run_child(mode: str, params: dict, out_json: Path) -> tuple[dict, int, floa
 # ------------------------------------------------------------------------------------------ child: stack
 
 
+def _synchronise(xp):
+    """A function that waits for the GPU's queued work when ``xp`` is CuPy (nothing to wait for with NumPy)."""
+    if xp is np:
+        return lambda: None
+    return lambda: xp.cuda.Device().synchronize()
+
+
 def _child_stack(p: dict) -> dict:
     """Run stack_session once; per-stage times, split of the stack stage, peak RSS, tile plan."""
-    from dwarf3gpu.backends.cpu import CpuBackend
+    from dwarf3gpu.backends import KernelStageOps, ReferenceStageOps
     from dwarf3gpu.config import StackConfig
     from dwarf3gpu.pipeline import stack_session
 
     clip_s = [0.0]
-    backends = [CpuBackend]
-    try:  # the GPU backend's clip too (it ends with the download of the tile's results, so the time is complete)
-        from dwarf3gpu.backends.cuda import CudaBackend
-
-        backends.append(CudaBackend)
-    except ImportError:
-        pass
 
     def timed(original):
-        def timed_clip(*args, **kwargs):
+        def timed_clip(self, *args, **kwargs):
+            sync = _synchronise(self.xp)
+            sync()  # the tile's renders are not the clip's
             t0 = time.perf_counter()
             try:
-                return original(*args, **kwargs)
+                return original(self, *args, **kwargs)
             finally:
+                sync()
                 clip_s[0] += time.perf_counter() - t0
         return timed_clip
 
-    for backend_class in backends:
-        backend_class.clip_into = timed(backend_class.clip_into)
+    for ops_class in (KernelStageOps, ReferenceStageOps):
+        ops_class.clip_into = timed(ops_class.clip_into)
     marks: dict[str, list[float]] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -194,63 +206,88 @@ def _child_stack(p: dict) -> dict:
 
 
 def _render_band(p: dict) -> tuple[np.ndarray, np.ndarray, list[str], tuple[int, int]]:
-    """(N, 3, rows, W) float32 band of the kept frames (NaN where invalid) and its (N, rows, W) valid mask."""
-    from dwarf3gpu import pipeline as pl
-    from dwarf3gpu.analysis import analyze_session
+    """(N, 3, rows, W) float32 band of the kept frames (NaN where invalid) and its (N, rows, W) valid mask, rendered
+    as the stack child's run rendered them (from its run manifest)."""
+    from dwarf3gpu.analysis import output_dir_for
     from dwarf3gpu.backends import get_backend
+    from dwarf3gpu.calibrate import prepare_calibration
     from dwarf3gpu.config import StackConfig
+    from dwarf3gpu.normalise import normalisation
+    from dwarf3gpu.render import FrameRenderer
     from dwarf3gpu.session import discover
-    from dwarf3gpu.stack import normalisation
 
     config = StackConfig(debayer="rgb")
     found = discover(p["session"])
-    pl._apply_frame_list(found, p["frame_list"])
-    analysis = analyze_session(found, config.analysis(), out_dir=Path(p["out_root"]) / "analysis",
-                               workers=p["workers"], use_cache=False)
-    kept = analysis.kept
-    pattern = analysis.session.metadata.bayer_pattern or "RGGB"
-    height, width = kept[0].frame.height, kept[0].frame.width
-    matrices = {r.frame.name: pl._applied_matrix(r.registration.matrix, analysis.align_mode, (width, height))
-                for r in kept}
-    backgrounds = {r.frame.name: pl._cfa_channel_medians(pl._read_mosaic(r.frame.path), pattern) for r in kept}
-    ref_bg = np.asarray(backgrounds[analysis.reference.frame.name])
-    norms = [normalisation(ref_bg, np.asarray(backgrounds[r.frame.name]), config.normalisation) for r in kept]
-    renderer = pl._FrameRenderer(kept, matrices, norms, pattern, config, get_backend(config.backend),
-                                 (height, width), False, False)
+    manifest = json.loads((output_dir_for(found.path, p["out_root"]) / "run_manifest.json").read_text())
+    stack = manifest["stack"]
+    kept_names = list(stack["applied_transforms"])  # in stacking order
+    lights = {f.name: f for f in found.lights}
+    kept = [lights[name] for name in kept_names]
+    paths = [f.path for f in kept]
+    pattern = found.metadata.bayer_pattern or "RGGB"
+    height, width = kept[0].height, kept[0].width
+    reference = manifest["stats"]["reference"]
+    calibration, _ = prepare_calibration(found, config.dark, lights[reference].path, Path(p["out_root"]) / "band",
+                                         use_cache=False, lights=paths)
+    ref_bg = np.asarray(stack["backgrounds"][reference])
+    norms = [normalisation(ref_bg, np.asarray(stack["backgrounds"][name]), config.normalisation)
+             for name in kept_names]
+    ops = get_backend(config.backend)
+    renderer = FrameRenderer(paths, [stack["applied_transforms"][name] for name in kept_names], norms, pattern,
+                             config, ops, (height, width), calibration)
     rows = min(p["band_rows"], height)
     row0 = (height // 2 - rows // 2) // 2 * 2
+    xp = ops.xp
     data = np.empty((len(kept), 3, rows, width), np.float32)
     valid = np.empty((len(kept), rows, width), bool)
+    frame_data = xp.empty((3, rows, width), xp.float32)
+    frame_valid = xp.empty((rows, width), xp.bool_)
+    frame_weight = xp.empty((rows, width), xp.float32)
     for k in range(len(kept)):
-        d, v, _ = renderer(k, row0, row0 + rows, 0, width)
-        data[k] = d
-        np.logical_and(v, np.isfinite(d).all(axis=0), out=valid[k])
+        renderer.render_into(k, row0, row0 + rows, 0, width, frame_data, frame_valid, frame_weight)
+        frame_valid &= xp.isfinite(frame_data).all(axis=0)
+        data[k] = ops.download(frame_data)
+        valid[k] = ops.download(frame_valid)
     data[np.broadcast_to(~valid[:, None], data.shape)] = np.nan
-    return data, valid, [r.frame.name for r in kept], (row0, row0 + rows)
+    return data, valid, kept_names, (row0, row0 + rows)
+
+
+def _settings():
+    from dwarf3gpu.clip import clip_settings
+
+    return clip_settings(SIGMA, maxiters=MAXITERS, cenfunc=CENFUNC, stdfunc=STDFUNC)
 
 
 def _ours(data, valid, workers):
-    from dwarf3gpu.stack import sigma_clip_mask_aware
+    from dwarf3gpu.clip import sigma_clip_mask_aware
 
     return sigma_clip_mask_aware(data, valid, sigma=SIGMA, maxiters=MAXITERS, cenfunc=CENFUNC, stdfunc=STDFUNC,
                                  workers=workers)
 
 
-def _cpu_build(data, valid, threads):
-    """The CPU build of kernels/sigma_clip.cu (what the pipeline's CPU backend clips with), ``threads`` OpenMP
-    threads; None when no C++ compiler is available."""
-    from dwarf3gpu.backends import native
+def _cpu_build_ops():
+    """``KernelStageOps`` on the CPU build (what the CPU backend clips with); None when no C++ compiler is
+    available."""
+    from dwarf3gpu.backends import KernelStageOps, cpu_build
     from dwarf3gpu.errors import BackendUnavailableError
 
     try:
-        lib, ops = native.load(), native.native_ops()
+        return KernelStageOps(cpu_build.load())
     except BackendUnavailableError:
         return None
-    lib.set_threads(threads)
+
+
+def _cpu_build(ops, data, valid, threads):
+    """The CPU build's ``clip_into`` on the (N, 3, rows x W) view of the band with ``threads`` OpenMP threads:
+    (mean, rejected) shaped (3, rows, W)."""
+    n, channels, rows, width = data.shape
+    ops.target.set_threads(threads)
     try:
-        return ops.sigma_clip(data, valid, sigma=SIGMA, maxiters=MAXITERS, cenfunc=CENFUNC, stdfunc=STDFUNC)
+        mean, _, rejected = stage_clip(ops, data.reshape(n, channels, rows * width),
+                                       valid.reshape(n, 1, rows * width), _settings())
     finally:
-        lib.set_threads(0)
+        ops.target.set_threads(0)
+    return mean.reshape(channels, rows, width), rejected.reshape(channels, rows, width)
 
 
 def _astropy(data):
@@ -279,7 +316,7 @@ def _traced_peak(func) -> int:
 
 def _child_clip(p: dict) -> dict:
     """Render one band of the warped stack; time and trace ours and astropy on it; compare the results."""
-    from dwarf3gpu.stack import clip_bounds
+    from dwarf3gpu.clip import clip_bounds
 
     t0 = time.perf_counter()
     data, valid, kept_names, band = _render_band(p)
@@ -288,14 +325,16 @@ def _child_clip(p: dict) -> dict:
 
     ours1 = best_of(lambda: _ours(data, valid, 1), repeat)
     oursw = best_of(lambda: _ours(data, valid, workers), repeat)
-    built = _cpu_build(data, valid, workers) is not None
-    kern1 = best_of(lambda: _cpu_build(data, valid, 1), repeat) if built else (None, None)
-    kernw = best_of(lambda: _cpu_build(data, valid, workers), repeat) if built else (None, None)
-    mem_kern = _traced_peak(lambda: _cpu_build(data, valid, workers)) if built else None
+    ops = _cpu_build_ops()
+    built = ops is not None
+    kernel_clips = built and len(data) <= ops.target.clip_kernel_max_frames(_settings())
+    kern1 = best_of(lambda: _cpu_build(ops, data, valid, 1), repeat) if built else (None, None)
+    kernw = best_of(lambda: _cpu_build(ops, data, valid, workers), repeat) if built else (None, None)
+    mem_kern = _traced_peak(lambda: _cpu_build(ops, data, valid, workers)) if built else None
     if built:  # the CPU build decides exactly as the reference: same coverage, rejected counts, means to rounding
-        kern, ref = _cpu_build(data, valid, workers), _ours(data, valid, workers)
-        kernel_same_rejected = float(np.mean(kern.rejected == ref.rejected))
-        kernel_mean_max_diff = float(np.nanmax(np.abs(kern.mean.astype(np.float64) - ref.mean)))
+        (kern_mean, kern_rejected), ref = _cpu_build(ops, data, valid, workers), _ours(data, valid, workers)
+        kernel_same_rejected = float(np.mean(kern_rejected == ref.rejected))
+        kernel_mean_max_diff = float(np.nanmax(np.abs(kern_mean.astype(np.float64) - ref.mean)))
     else:
         kernel_same_rejected = kernel_mean_max_diff = None
     astro_clip_times, astro_times = [], []
@@ -347,6 +386,7 @@ def _child_clip(p: dict) -> dict:
         "mem_ours_w1": mem_ours1, "mem_ours_w": mem_oursw, "mem_astropy": mem_astro,
         "kernel_w1_best_s": kern1[0], "kernel_w1_median_s": kern1[1],
         "kernel_w_best_s": kernw[0], "kernel_w_median_s": kernw[1], "mem_kernel_w": mem_kern,
+        "kernel_clips": kernel_clips,
         "kernel_rejected_same_as_numpy_fraction": kernel_same_rejected,
         "kernel_mean_max_abs_diff_vs_numpy": kernel_mean_max_diff,
         "bounds_identical_fraction": float(np.mean((lo == alo)[finite_bounds] & (hi == ahi)[finite_bounds])),
@@ -446,17 +486,20 @@ def main() -> None:
             "load_1min": f"{s['load_before']:.2f}->{s['load_after']:.2f}",
         })
         stack_s = t["stack"]
+        calibrate_s = t.get("calibrate", 0.0)
         bands = s["bands_s"] or 0.0
         parts = [
             ("measure (analysis)", t["measure"]),
             ("register (analysis)", t["register"]),
+            ("calibrate (dark, hot pixels)", calibrate_s),
             ("stack", stack_s),
             ("  backgrounds (read every light)", s["backgrounds_s"]),
-            ("  bands: render (read, debayer, warp)", bands - s["clip_s"]),
+            ("  bands: render (read, calibrate, debayer, warp)", bands - s["clip_s"]),
             ("  bands: sigma clip + mean", s["clip_s"]),
             ("  reference render (noise gain)", stack_s - s["backgrounds_s"] - bands),
             ("finish (write master, previews)", t["finish"]),
-            ("other (discover, frame list, select)", t["total"] - t["measure"] - t["register"] - stack_s - t["finish"]),
+            ("other (discover, frame list, select)",
+             t["total"] - t["measure"] - t["register"] - calibrate_s - stack_s - t["finish"]),
             ("after total (image stats, manifest, reports)", s["wall_s"] - t["total"]),
         ]
         for name, sec in parts:
@@ -466,13 +509,14 @@ def main() -> None:
             continue
         shape = "x".join(map(str, c["shape"]))
         ref = c["astropy_best_s"]
+        kernel = "CPU build of sigma_clip.cu" if c["kernel_clips"] else \
+            "CPU build's clip_into (over the kernel's frame limit: the NumPy reference)"
         for label, best, med, mem in (
             ("ours sigma_clip_mask_aware, 1 thread", c["ours_w1_best_s"], c["ours_w1_median_s"], c["mem_ours_w1"]),
             (f"ours sigma_clip_mask_aware, {args.workers} threads", c["ours_w_best_s"], c["ours_w_median_s"],
              c["mem_ours_w"]),
-            ("CPU build of sigma_clip.cu, 1 thread", c["kernel_w1_best_s"], c["kernel_w1_median_s"], c["mem_kernel_w"]),
-            (f"CPU build of sigma_clip.cu, {args.workers} threads", c["kernel_w_best_s"], c["kernel_w_median_s"],
-             c["mem_kernel_w"]),
+            (f"{kernel}, 1 thread", c["kernel_w1_best_s"], c["kernel_w1_median_s"], c["mem_kernel_w"]),
+            (f"{kernel}, {args.workers} threads", c["kernel_w_best_s"], c["kernel_w_median_s"], c["mem_kernel_w"]),
             ("astropy sigma_clip + masked mean (1 thread)", ref, c["astropy_median_s"], c["mem_astropy"]),
         ):
             if best is None:

@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmark scripts: machine description, timing, result files.
+"""Shared helpers for the benchmark scripts: machine description, timing, result files, and a clip through a
+backend's stage operations.
 
 Benchmarks print a table and append a dated JSON record to ``benchmarks/results/``; the human summary lives in
 ``benchmarks/RESULTS.md``. They are measurements, never tests: nothing here asserts a time.
@@ -13,7 +14,7 @@ import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -53,6 +54,26 @@ def best_of(func: Callable[[], object], repeat: int = 5) -> tuple[float, float]:
         func()
         times.append(time.perf_counter() - t0)
     return min(times), statistics.median(times)
+
+
+def stage_clip(ops: Any, stack3: Any, valid3: Any, settings: Any) -> tuple[Any, Any, Any]:
+    """Sigma-clip an (N, C, L) stack through ``ops.clip_into`` (any :class:`~dwarf3gpu.backends.base.StageOps`).
+
+    ``stack3`` float32 (N, C, L) and ``valid3`` bool (N, 1 or C, L) or None are arrays of ``ops.xp``; ``settings``
+    comes from :func:`dwarf3gpu.clip.clip_settings`. The outputs are allocated here, on ``ops.xp``: ``mean``
+    float32 (C, L), ``coverage`` (1 or C, L, as ``valid3``) and ``rejected`` (C, L), with the counts' dtype of
+    :func:`dwarf3gpu.clip.sigma_clip_mask_aware`. Nothing is downloaded (on CUDA the launches may still run).
+    """
+    from dwarf3gpu.clip import count_dtype
+
+    xp = ops.xp
+    n_frames, channels, pixels = stack3.shape
+    counts = count_dtype(n_frames)
+    mean = xp.empty((channels, pixels), xp.float32)
+    coverage = xp.empty((channels if valid3 is None else valid3.shape[1], pixels), counts)
+    rejected = xp.empty((channels, pixels), counts)
+    ops.clip_into(stack3, valid3, None, None, settings, mean, coverage, rejected)
+    return mean, coverage, rejected
 
 
 def save(name: str, rows: list[dict], extra: dict | None = None) -> Path:

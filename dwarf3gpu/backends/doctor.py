@@ -180,9 +180,10 @@ def _compile_checks(cxx: str | None, nvcc: str | None, nvrtc_ok: bool, cache_roo
 
 
 def _self_test(name: str, ops: StageOps) -> Check:
-    """Compare one backend's stage operations (debayers, warps including the default lattice resampler, the
-    sigma clip of a tile) with the NumPy reference functions on a small random input."""
+    """Compare one backend's stage operations (debayers, warps including the default lattice resampler, dark
+    calibration, the sigma clip of a tile) with the NumPy reference functions on a small random input."""
     from .. import debayer, warp
+    from ..calibrate import DarkCalibration, calibrate_window
     from ..clip import clip_settings, sigma_clip_mask_aware
 
     rng = np.random.default_rng(7)
@@ -202,8 +203,18 @@ def _self_test(name: str, ops: StageOps) -> Check:
             method = ops.debayer_mhc if kind == "mhc" else ops.debayer_bilinear
             if not same([method(on_target, "RGGB")], [function(mosaic, "RGGB")]):
                 problems.append(f"{kind} debayer differs")
+        if not same([ops.debayer_superpixel(on_target, "RGGB")], [debayer.debayer_superpixel(mosaic, "RGGB")]):
+            problems.append("superpixel debayer differs")
         if not same(ops.warp_affine(on_target, matrix, (37, 53)), warp.warp_affine(mosaic, matrix, (37, 53))):
             problems.append("warp differs")
+        if not same(ops.warp_bayer_planes(on_target, "RGGB", matrix, (37, 53)),
+                    warp.warp_bayer_planes(mosaic, "RGGB", matrix, (37, 53))):
+            problems.append("Bayer-plane warp differs")
+        hot = rng.random((37, 53)) < 0.03
+        dark = DarkCalibration(rng.normal(0, 3, (37, 53)).astype(np.float32), hot, "self-test", {})
+        if not same([ops.calibrate_window(ops.upload(mosaic.copy()), (0, 0), ops.on_target(dark))],
+                    [calibrate_window(mosaic.copy(), (0, 0), dark)]):
+            problems.append("dark calibration differs")
         if not same(ops.warp_lattice(on_target, "RGGB", matrix, (37, 53)),
                     warp.warp_lattice(mosaic, "RGGB", matrix, (37, 53))):
             problems.append("lattice warp differs")
@@ -219,7 +230,7 @@ def _self_test(name: str, ops: StageOps) -> Check:
     except Exception as exc:
         problems.append(f"{type(exc).__name__}: {exc}")
     return Check("self-test", name, FAIL if problems else OK,
-                 "; ".join(problems) if problems else "debayers, warps and sigma clip match the NumPy reference")
+                 "; ".join(problems) if problems else "debayers, warps, dark calibration and sigma clip match the NumPy reference")
 
 
 def run_checks(cache_root: Path | None = None) -> list[Check]:
