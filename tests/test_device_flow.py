@@ -186,9 +186,9 @@ def test_every_render_path_stays_on_the_device(cpu_build_or_skip, small_session,
     transfers = target.transfers
     windows = len(dev.kept) * plan["n_tiles"] + 1  # every frame on every tile, and the reference frame alone
     assert transfers.data_uploads("uint16") == windows  # raw windows as read (a dark makes them float32 there)
-    # once per run: the dark offset (float32), the hot-pixel map (uint8) and list (int32), the Lanczos tables
-    # (once per thread that first needs them); and the master's debayer input for bayer-first
-    assert transfers.data_uploads("float32") <= 3 + 2 * 2 + (config.debayer == "bayer-first")
+    # once per run: the dark offset (float32), the hot-pixel map (uint8) and list (int32), the two Lanczos tables;
+    # and the master's debayer input for bayer-first
+    assert transfers.data_uploads("float32") <= 1 + 2 + (config.debayer == "bayer-first")
     assert transfers.data_uploads("uint8") <= 1 and transfers.data_uploads("int32") <= 2
     downloads = 3 * plan["n_tiles"] + 2 + (config.debayer == "bayer-first")
     assert transfers.downloads == downloads

@@ -82,6 +82,8 @@ class KernelStageOps:
         self.fallback_reason = fallback_reason
         self._launch = target.launch
         self._scratch = threading.local()
+        self._lattice_tables: tuple[Any, Any] | None = None
+        self._tables_lock = threading.Lock()
 
     def memory_budget(self) -> int:
         """The launch target's default stacking budget."""
@@ -330,11 +332,10 @@ class KernelStageOps:
 
     def _lanczos_tables(self) -> tuple[Any, Any]:
         """The red/blue and green Lanczos weight tables of :func:`dwarf3gpu.warp.warp_lattice` on the target."""
-        tables = getattr(self, "_lattice_tables", None)
-        if tables is None:
-            tables = tuple(self.xp.asarray(lanczos_table(LATTICE_LOBES[key])) for key in ("RB", "G"))
-            self._lattice_tables = tables
-        return tables
+        with self._tables_lock:  # uploaded once, whichever stacking thread needs them first
+            if self._lattice_tables is None:
+                self._lattice_tables = tuple(self.xp.asarray(lanczos_table(LATTICE_LOBES[key])) for key in ("RB", "G"))
+            return self._lattice_tables
 
     def warp_lattice(self, mosaic: Any, pattern: str, A: Any, out_shape: tuple[int, int], *,
                      out_origin: tuple[int, int] = (0, 0), src_origin: tuple[int, int] = (0, 0),
