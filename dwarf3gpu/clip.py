@@ -58,7 +58,6 @@ CHUNK_SAMPLES = 1 << 18
 CLIP_BYTES_PER_SAMPLE = 48
 
 
-
 class ClipResult(NamedTuple):
     """Output of the sigma clipping (unpacks as ``mean, coverage, rejected``).
 
@@ -563,8 +562,6 @@ def _chunks(n_frames: int, n_pixels: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, n_pixels)) for start in range(0, n_pixels, step)]
 
 
-
-
 def clip_into(stack: np.ndarray, valid: np.ndarray | None, weights: np.ndarray | None,
                frame_weights: np.ndarray | None, cfg: ClipSettings, mean: np.ndarray | None,
                coverage: np.ndarray | None, rejected: np.ndarray | None, bounds: tuple | None,
@@ -626,10 +623,6 @@ def _prepare(stack, valid, weights):
     if valid3 is not None and valid3.dtype != bool:
         raise ValueError(f"valid must be a bool array, got dtype {valid3.dtype}")
     return stack.reshape(frames_channels_pixels_shape(stack.shape)), valid3, per_sample_view(stack, "weights", weights)
-
-
-
-
 
 
 def sigma_clip_mask_aware(
@@ -753,44 +746,3 @@ def clip_bounds(
     with_threads(workers, channels * len(_chunks(n_frames, n_pixels)), lambda pool: clip_into(
         stack3, valid3, None, None, cfg, None, None, None, bounds, pool))
     return lower, upper
-
-
-# ------------------------------------------------------------------------------------------- normalisation
-
-
-
-
-
-
-# ------------------------------------------------------------------------------------------------- tiling
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# -------------------------------------------------------------------------------------------------- driver
-
-
-
-
-
-# ------------------------------------------------------------------------------------------------ cropping
-
-

@@ -310,6 +310,8 @@ def read_raw_window(path: str | os.PathLike, rows: tuple[int, int] | None = None
         The file cannot be read, or it is not a 2-D mosaic.
     """
     layout = read_layout(path)
+    if len(layout.shape) != 2:
+        raise FitsReadError(path, f"expected a 2-D Bayer mosaic, got shape {layout.shape}")
     if layout.is_raw_uint16:
         return read_raw_uint16(path, layout, rows, cols)[0]
     data = read_fits(path).data

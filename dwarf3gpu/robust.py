@@ -48,7 +48,8 @@ def difference_noise(image: np.ndarray, step: int = 2, mask: np.ndarray | None =
         The noise of one pixel; NaN when no pair is usable.
     """
     x = np.asarray(image).astype(np.float32, copy=False)
-    d = x[:, step:] - x[:, :-step]
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN, left out below
+        d = x[:, step:] - x[:, :-step]
     if mask is not None or not np.isfinite(d).all():
         good = np.isfinite(d)
         if mask is not None:

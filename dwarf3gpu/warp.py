@@ -41,6 +41,7 @@ __all__ = [
     "LATTICE_LOBES",
     "LATTICE_MARGIN",
     "LANCZOS_PHASES",
+    "CHUNK_PIXELS",
 ]
 
 WARP_METHODS = ("bilinear", "bicubic")
@@ -52,7 +53,7 @@ KEYS_A = -0.5
 _TAPS = {"bilinear": (0, 1), "bicubic": (-1, 0, 1, 2)}
 """Tap offsets from ``floor(coordinate)`` along each axis."""
 
-_CHUNK_PIXELS = 1 << 15
+CHUNK_PIXELS = 1 << 15
 """Output pixels per processing chunk (whole rows), to keep temporaries in cache."""
 
 
@@ -63,13 +64,13 @@ def _empty_outputs(channels: int, rows: int, cols: int) -> tuple[np.ndarray, np.
 
 
 def _source_coordinates(B: np.ndarray, out_shape: tuple[int, int], out_origin: tuple[int, int]):
-    """Yield ``(first, last, xs, ys)`` for chunks of output rows ``first:last`` (about ``_CHUNK_PIXELS`` pixels):
+    """Yield ``(first, last, xs, ys)`` for chunks of output rows ``first:last`` (about ``CHUNK_PIXELS`` pixels):
     the float64 source coordinates of every pixel through the inverse affine ``B``, from its ABSOLUTE reference
     position, in the order the kernels use: ``xs = B00 X + (B01 Y + B02)``, ``ys = B10 X + (B11 Y + B12)``."""
     rows_out, cols_out = out_shape
     cols_abs = np.arange(cols_out, dtype=np.float64) + int(out_origin[1])
     x_of_col, y_of_col = B[0, 0] * cols_abs, B[1, 0] * cols_abs
-    step = max(1, _CHUNK_PIXELS // max(cols_out, 1))
+    step = max(1, CHUNK_PIXELS // max(cols_out, 1))
     for first in range(0, rows_out, step):
         last = min(first + step, rows_out)
         rows_abs = np.arange(first, last, dtype=np.float64) + int(out_origin[0])

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from dwarf3gpu.debayer import bayer_offsets
-from dwarf3gpu.register import apply_transform, invert_transform
+from dwarf3gpu.geometry import apply_transform, bayer_offsets, invert_transform
 from dwarf3gpu.simulate import SimulatedSession, SimulationConfig, simulate_session
 
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
@@ -385,3 +384,97 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason=f"needs an NVIDIA GPU with CuPy: {reason}")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+# ------------------------------------------------------------------------------------------ stage operations
+
+_CUDA_PARAM = pytest.param("cuda", marks=pytest.mark.gpu)
+
+
+@pytest.fixture(scope="session")
+def cpu_build_target(tmp_path_factory):
+    """The CPU build of the kernels (a launch target), compiled once per test run into a fresh cache folder.
+
+    Skips the calling test when there is no C++ compiler.
+
+    Returns
+    -------
+    dwarf3gpu.backends.cpu_build.CpuBuildTarget
+    """
+    from dwarf3gpu.backends import cpu_build
+
+    if cpu_build.find_compiler() is None:
+        pytest.skip("no C++ compiler (g++, c++ or $CXX) to build the CPU target of the kernels")
+    return cpu_build.load(root=tmp_path_factory.mktemp("cpu-build-cache"))
+
+
+def _stage_ops(request):
+    """The stage operations called ``request.param``: reference, cpu-build or cuda."""
+    from dwarf3gpu.backends import KernelStageOps, ReferenceStageOps
+
+    if request.param == "reference":
+        return ReferenceStageOps()
+    if request.param == "cpu-build":
+        return KernelStageOps(request.getfixturevalue("cpu_build_target"))
+    from dwarf3gpu.backends.cuda import CudaTarget
+
+    return KernelStageOps(CudaTarget())
+
+
+@pytest.fixture(scope="session", params=["reference", "cpu-build", _CUDA_PARAM])
+def ops(request):
+    """Every implementation of the stage operations, one test per implementation.
+
+    ``reference`` (:class:`~dwarf3gpu.backends.ReferenceStageOps`, NumPy), ``cpu-build`` (``KernelStageOps`` on
+    ``cpu_build_target``; skipped without a C++ compiler) and ``cuda`` (``KernelStageOps(CudaTarget())``, marked
+    ``gpu``: skipped without a usable GPU). Arrays of ``ops.xp`` in and out: use ``ops.upload``/``ops.download``.
+
+    Returns
+    -------
+    dwarf3gpu.backends.StageOps
+    """
+    return _stage_ops(request)
+
+
+@pytest.fixture(scope="session", params=["cpu-build", _CUDA_PARAM])
+def kernel_ops(request):
+    """The kernel implementations of the stage operations only (``cpu-build`` and ``cuda`` of ``ops``), for tests
+    that compare the kernels with the NumPy reference functions.
+
+    Returns
+    -------
+    dwarf3gpu.backends.KernelStageOps
+    """
+    return _stage_ops(request)
+
+
+# ------------------------------------------------------------------------------------------ tile renderers
+
+
+class _ArrayRenderer:
+    """A TileRenderer over a function that returns a tile's arrays: ``render(k, row0, row1, col0, col1) -> (data,
+    valid, weight)``, written into the tile buffer's views (a (rows, cols) data array fills a one-channel tile)."""
+
+    def __init__(self, render: Callable[[int, int, int, int, int], tuple]):
+        self.render = render
+
+    def render_into(self, k, row0, row1, col0, col1, data, valid, weight) -> None:
+        tile_data, tile_valid, tile_weight = self.render(k, row0, row1, col0, col1)
+        data[...] = tile_data
+        valid[...] = tile_valid
+        weight[...] = tile_weight
+
+
+@pytest.fixture(scope="session")
+def array_renderer() -> Callable[[Callable[[int, int, int, int, int], tuple]], _ArrayRenderer]:
+    """Adaptor from an array-returning function to a tile renderer (``render_into``) for ``tiles.stack_tiles``.
+
+    Returns
+    -------
+    callable
+        ``array_renderer(render) -> renderer``: ``render(k, row0, row1, col0, col1)`` returns frame ``k``'s
+        ``(data (C, rows, cols) or (rows, cols), valid (rows, cols), weight (rows, cols))`` of a tile; the
+        renderer's ``render_into`` copies them into the tile buffer (NumPy broadcasting rules: a mismatched shape
+        raises ValueError).
+    """
+    return _ArrayRenderer

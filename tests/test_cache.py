@@ -1,10 +1,33 @@
-"""Frame caches: hits, invalidation by file identity and by settings, refresh and disable."""
+"""Caches: every cache path of an output folder; frame caches: hits, invalidation by file identity and by settings,
+refresh and disable."""
 
 from __future__ import annotations
 
 import os
 
-from dwarf3gpu.cache import FrameCache
+import pytest
+
+from dwarf3gpu.cache import CACHE_ENTRIES, FrameCache, cache_dir, cache_path, stack_cache_dir
+
+
+def test_cache_paths_of_an_output_folder(tmp_path):
+    """Every known entry lives directly under ``<out>/cache/``, with the renamed dark and colour-calibration
+    entries; nothing is created by asking."""
+    assert cache_dir(tmp_path) == tmp_path / "cache"
+    assert set(CACHE_ENTRIES) == {"scores.json", "transforms.json", "dark", "stack", "colour_calibration.json"}
+    for entry in CACHE_ENTRIES:
+        assert cache_path(tmp_path, entry) == tmp_path / "cache" / entry
+    assert cache_path(str(tmp_path), "dark") == tmp_path / "cache" / "dark"
+    assert stack_cache_dir(tmp_path, "0123abcd") == tmp_path / "cache" / "stack" / "0123abcd"
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("entry", ["calibration", "calibration.json", "Dark", "", "stack/x", "scores"])
+def test_unknown_cache_entry_raises(tmp_path, entry):
+    """Unknown names (the old ``calibration`` entries included) are refused, with the known ones listed."""
+    with pytest.raises(ValueError, match="unknown cache entry") as info:
+        cache_path(tmp_path, entry)
+    assert all(name in str(info.value) for name in CACHE_ENTRIES)
 
 
 def test_cache_round_trip_and_invalidation(tmp_path):

@@ -21,12 +21,13 @@ from typer.testing import CliRunner
 from dwarf3gpu import simulate
 from dwarf3gpu.calibrate import (
     HOT_REACH, DarkCalibration, build_master_dark, calibrate_window, check_dark, dark_offset, hot_pixel_map,
-    hot_pixels_from_lights, read_mosaic,
+    hot_pixels_from_lights,
 )
+from dwarf3gpu.cache import cache_path
 from dwarf3gpu.cli import app
 from dwarf3gpu.config import StackConfig
 from dwarf3gpu.errors import ConfigError
-from dwarf3gpu.fitsio import read_fits, read_raw_uint16, write_raw_uint16
+from dwarf3gpu.fitsio import read_fits, read_raw_uint16, read_raw_window, write_raw_uint16
 from dwarf3gpu.pipeline import stack_session
 from dwarf3gpu.session import discover
 
@@ -121,14 +122,15 @@ def test_manifest_and_report_record_the_dark(session):
 
 
 def test_cache_and_session_folder(session, hash_tree):
-    """The master dark is cached under <out>/cache/calibration/; the two runs did not share a stack cache; nothing
+    """The master dark is cached under <out>/cache/dark/; the two runs did not share a stack cache; nothing
     was written under rawData (session and dark folders)."""
     sim, _, root, before, results = session
     assert results["none"][0].stats.get("calibration")["dark_used"] is False
     assert not results["none"][0].manifest["stack"]["from_cache"]
     assert not np.array_equal(results["auto"][1], results["none"][1])
     out = root / "processedData" / sim.session_dir.name
-    assert list((out / "cache" / "calibration").glob("*/master_dark.fits"))
+    assert cache_path(out, "dark") == out / "cache" / "dark"
+    assert list(cache_path(out, "dark").glob("*/master_dark.fits"))
     assert hash_tree(root / "rawData") == before
 
 
@@ -313,7 +315,7 @@ def test_hot_pixels_from_real_seestar_lights_are_lone_and_persistent(realdata):
     same-colour neighbours' median by the search threshold in EVERY single light, as a pixel fixed on the sensor
     does and a star drifting through would not."""
     frames = sorted(realdata("seestar_m94_s2").glob("*.fit"))
-    lights = [read_mosaic(p).astype(np.float32) for p in frames]
+    lights = [read_raw_window(p).astype(np.float32) for p in frames]
     hot, record = hot_pixels_from_lights(frames, lights[0].shape)
     assert record["hot_pixels"] == int(hot.sum()) >= 1
     rows, cols = np.nonzero(hot)

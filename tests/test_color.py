@@ -229,8 +229,6 @@ def test_color_matrix_rejects_bad_input(matrix):
 
 
 def test_color_matrix_blocked_in_place_is_bit_identical_to_the_expression():
-    from dwarf3gpu.color import COLOR_MATRIX_PRESETS, _resolve_matrix, apply_color_matrix
-
     rng = np.random.default_rng(7)
     rgb = rng.normal(100.0, 30.0, (3, 700, 1031)).astype(np.float32)  # rows not a multiple of the block
     rgb[:, :3, :5] = np.nan
@@ -240,7 +238,8 @@ def test_color_matrix_blocked_in_place_is_bit_identical_to_the_expression():
     before = rgb.copy()
     custom = np.array([[0.7, 0.2, 0.1], [0.05, 0.9, 0.05], [0.1, -0.3, 1.2]])
     for matrix in [*COLOR_MATRIX_PRESETS, custom]:
-        m = _resolve_matrix(matrix).astype(np.float32)
+        m = np.asarray(COLOR_MATRIX_PRESETS[matrix] if isinstance(matrix, str) else matrix, np.float64)
+        m = m.astype(np.float32)
         expected = np.empty_like(rgb)
         with np.errstate(invalid="ignore"):
             for c in range(3):

@@ -6,15 +6,17 @@ import cv2
 import numpy as np
 import pytest
 
-from dwarf3gpu.debayer import (
+from dwarf3gpu.debayer import debayer_bilinear, debayer_mhc, debayer_rggb, debayer_superpixel
+from dwarf3gpu.geometry import (
+    BAYER_PATTERNS,
+    MONO_CODE,
+    apply_transform,
     bayer_offsets,
-    debayer_bilinear,
-    debayer_mhc,
-    debayer_rggb,
-    debayer_superpixel,
+    cfa_channel_map,
+    normalise_pattern,
+    pattern_code,
     superpixel_transform,
 )
-from dwarf3gpu.register import apply_transform
 
 #: Parametrisation values (collection time; the ``bayer_patterns`` fixture holds the same four layouts).
 PATTERNS = ("RGGB", "GRBG", "GBRG", "BGGR")
@@ -56,6 +58,43 @@ def test_bayer_offsets():
     assert bayer_offsets(" BGGR ") == {"R": [(1, 1)], "G": [(0, 1), (1, 0)], "B": [(0, 0)]}
     with pytest.raises(ValueError, match="Bayer pattern"):
         bayer_offsets("RGBG")
+
+
+def test_pattern_codes_are_the_kernels_numbering():
+    """The kernels number the layouts 0..3 in this order and a mono mosaic -1; names are case- and space-blind."""
+    assert BAYER_PATTERNS == PATTERNS
+    assert [pattern_code(p) for p in ("RGGB", "GRBG", "GBRG", "BGGR")] == [0, 1, 2, 3]
+    assert pattern_code("bggr") == 3 and pattern_code(" grbg ") == 1
+    assert pattern_code(None) == MONO_CODE == -1
+    assert normalise_pattern(" gbrg") == "GBRG"
+    for bad in ("RGBG", "", "RGGBX"):
+        with pytest.raises(ValueError, match="Bayer pattern"):
+            pattern_code(bad)
+
+
+def test_cfa_channel_map_exact():
+    """Channel (0 R, 1 G, 2 B) of each pixel of a tile at an absolute origin: the pattern's 2x2 cell, shifted by
+    the origin's parity."""
+    assert np.array_equal(cfa_channel_map("RGGB", (0, 0), (2, 3)), [[0, 1, 0], [1, 2, 1]])
+    assert np.array_equal(cfa_channel_map("RGGB", (1, 0), (2, 3)), [[1, 2, 1], [0, 1, 0]])
+    assert np.array_equal(cfa_channel_map("RGGB", (0, 1), (2, 3)), [[1, 0, 1], [2, 1, 2]])
+    assert np.array_equal(cfa_channel_map("RGGB", (1, 1), (2, 2)), [[2, 1], [1, 0]])
+    assert np.array_equal(cfa_channel_map("GRBG", (0, 0), (2, 2)), [[1, 0], [2, 1]])
+    assert np.array_equal(cfa_channel_map("GBRG", (0, 0), (2, 2)), [[1, 2], [0, 1]])
+    assert np.array_equal(cfa_channel_map("bggr", (0, 0), (2, 2)), [[2, 1], [1, 0]])
+    assert np.array_equal(cfa_channel_map("BGGR", (3, 5), (3, 1)), [[0], [1], [0]])
+    # large odd origins: only the parity matters; the map agrees with bayer_offsets everywhere
+    for pattern in PATTERNS:
+        for origin in ((0, 0), (1, 0), (0, 1), (1, 1), (1001, 2046)):
+            got = cfa_channel_map(pattern, origin, (5, 7))
+            assert got.shape == (5, 7) and got.dtype.kind == "i"
+            want = np.empty((5, 7), int)
+            for k, colour in enumerate("RGB"):
+                for r, c in bayer_offsets(pattern)[colour]:
+                    want[(r - origin[0]) % 2::2, (c - origin[1]) % 2::2] = k
+            assert np.array_equal(got, want), (pattern, origin)
+    with pytest.raises(ValueError, match="Bayer pattern"):
+        cfa_channel_map("RGBG", (0, 0), (2, 2))
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

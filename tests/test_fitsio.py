@@ -7,7 +7,15 @@ import pytest
 from astropy.io import fits
 
 from dwarf3gpu.errors import FitsReadError
-from dwarf3gpu.fitsio import read_fits, read_header, read_layout, read_raw_uint16, write_fits, write_raw_uint16
+from dwarf3gpu.fitsio import (
+    read_fits,
+    read_header,
+    read_layout,
+    read_raw_uint16,
+    read_raw_window,
+    write_fits,
+    write_raw_uint16,
+)
 
 
 @pytest.fixture
@@ -40,6 +48,57 @@ def test_raw_uint16_exact_and_matches_astropy(raw_frame):
     window, _ = read_raw_uint16(path, rows=(3, 11), cols=(5, 17))  # a stacking window: decoded alone, contiguous
     np.testing.assert_array_equal(window, truth[3:11, 5:17])
     assert window.flags.c_contiguous
+
+
+WINDOWS = [(None, None), ((3, 11), None), (None, (5, 17)), ((3, 11), (5, 17)), ((0, 37), (0, 53)), ((36, 37), (52, 53))]
+
+
+def test_raw_window_of_a_uint16_file_is_the_full_read_sliced(raw_frame):
+    """read_raw_window on a BZERO = 32768 frame: uint16, exact, C-contiguous, and every window is the full read
+    sliced (rows only, columns only, both, the whole frame, a corner pixel)."""
+    path, truth = raw_frame
+    full = read_raw_window(path)
+    assert full.dtype == np.uint16 and full.flags.c_contiguous
+    np.testing.assert_array_equal(full, truth)
+    for rows, cols in WINDOWS:
+        window = read_raw_window(path, rows=rows, cols=cols)
+        r = slice(None) if rows is None else slice(*rows)
+        c = slice(None) if cols is None else slice(*cols)
+        assert window.dtype == np.uint16 and window.flags.c_contiguous, (rows, cols)
+        np.testing.assert_array_equal(window, full[r, c])
+        np.testing.assert_array_equal(window, truth[r, c])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint8])
+def test_raw_window_of_other_files_is_read_fits_sliced(tmp_path, dtype):
+    """Files that are not raw uint16 (float32, signed 16-bit, 8-bit) come back with read_fits' values (float32),
+    windowed the same way."""
+    rng = np.random.default_rng(4)
+    data = (rng.random((21, 30)) * 100).astype(dtype)
+    path = tmp_path / "other.fits"
+    fits.PrimaryHDU(data).writeto(path)
+    full = read_raw_window(path)
+    assert full.dtype == np.float32
+    np.testing.assert_array_equal(full, read_fits(path).data)
+    np.testing.assert_array_equal(full, data.astype(np.float32))
+    for rows, cols in ((None, (4, 9)), ((2, 20), None), ((2, 20), (4, 9)), ((20, 21), (29, 30))):
+        r = slice(None) if rows is None else slice(*rows)
+        c = slice(None) if cols is None else slice(*cols)
+        np.testing.assert_array_equal(read_raw_window(path, rows=rows, cols=cols), full[r, c])
+
+
+@pytest.mark.parametrize("stored", [np.float32, np.uint16])
+@pytest.mark.parametrize("window", [(None, None), ((0, 2), None), (None, (0, 3))])
+def test_raw_window_of_a_3d_file_raises(tmp_path, stored, window):
+    """A cube is not a Bayer mosaic: FitsReadError naming the shape, whatever the storage and window."""
+    path = tmp_path / "cube.fits"
+    fits.PrimaryHDU(np.arange(2 * 4 * 6).reshape(2, 4, 6).astype(stored)).writeto(path)
+    try:
+        read_raw_window(path, rows=window[0], cols=window[1])
+    except FitsReadError as exc:
+        assert "2-D" in str(exc) and "(2, 4, 6)" in str(exc)
+    else:
+        raise AssertionError("read_raw_window read a 3-D file without FitsReadError")
 
 
 def test_signed_16bit_and_scaled_data_use_astropy_semantics(tmp_path):

@@ -10,22 +10,24 @@ import numpy as np
 import pytest
 
 from dwarf3gpu.errors import ConfigError, SessionError
-from dwarf3gpu.register import (
+from dwarf3gpu.geometry import (
     apply_transform,
-    choose_align_mode,
-    choose_reference,
     compose,
     even_pixel_shift,
-    fit_transform,
     invert_transform,
+    rotation_deg,
+    scale,
+    to_cv2_warp_matrix,
+)
+from dwarf3gpu.register import (
+    choose_align_mode,
+    choose_reference,
+    fit_transform,
     pair_variances,
     refine_transform,
     register_frame,
-    rotation_deg,
     rotation_range_deg,
-    scale,
     select_model,
-    to_cv2_warp_matrix,
     transform_rms_error,
 )
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dwarf3gpu.stars import BAYER_PATTERNS, StarList, detect_stars, luminance_proxy
+from dwarf3gpu.geometry import BAYER_PATTERNS
+from dwarf3gpu.stars import StarList, detect_stars, luminance_proxy
 
 SKY = 500.0
 READ_NOISE = 5.0

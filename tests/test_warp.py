@@ -7,16 +7,9 @@ import numpy as np
 import pytest
 
 import dwarf3gpu.warp as warp_module
-from dwarf3gpu.debayer import bayer_offsets, debayer_bilinear
-from dwarf3gpu.register import apply_transform, even_pixel_shift, to_cv2_warp_matrix
-from dwarf3gpu.warp import (
-    plane_transform,
-    shift_integer,
-    source_window,
-    warp_affine,
-    warp_bayer_planes,
-    window_margin,
-)
+from dwarf3gpu.debayer import debayer_bilinear
+from dwarf3gpu.geometry import apply_transform, bayer_offsets, even_pixel_shift, plane_transform, to_cv2_warp_matrix
+from dwarf3gpu.warp import source_window, warp_affine, warp_bayer_planes, window_margin
 
 METHODS = ("bilinear", "bicubic")
 #: Parametrisation values (collection time; the ``bayer_patterns`` fixture holds the same four layouts).
@@ -38,6 +31,20 @@ def scene(waves):
         return waves(x, y, phase).astype(np.float32)
 
     return sample
+
+
+def shifted_by(image: np.ndarray, dx: int, dy: int, out_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Plain whole-pixel shift, pixel by pixel: ``out[..., y + dy, x + dx] = image[..., y, x]``; ``valid`` where a
+    frame pixel landed (the expected result of an integer translation)."""
+    h, w = image.shape[-2:]
+    ys, xs = np.mgrid[0:h, 0:w]
+    ty, tx = ys + dy, xs + dx
+    ok = (ty >= 0) & (ty < out_shape[0]) & (tx >= 0) & (tx < out_shape[1])
+    out = np.zeros(image.shape[:-2] + tuple(out_shape), image.dtype)
+    valid = np.zeros(out_shape, bool)
+    out[..., ty[ok], tx[ok]] = image[..., ys[ok], xs[ok]]
+    valid[ty[ok], tx[ok]] = True
+    return out, valid
 
 
 def eroded(mask: np.ndarray, pixels: int) -> np.ndarray:
@@ -109,7 +116,7 @@ def test_identity_and_integer_translation_are_exact(method):
     dx, dy = 7, -4
     A = np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]])
     out, valid, _ = warp_affine(image, A, (40, 50), method=method)
-    shifted, shifted_valid = shift_integer(image, dx, dy, (40, 50))
+    shifted, shifted_valid = shifted_by(image, dx, dy, (40, 50))
     if method == "bilinear":
         assert np.array_equal(valid, shifted_valid)
     assert np.array_equal(out[:, valid], shifted[:, valid])
@@ -122,7 +129,7 @@ def test_tiling_and_bands_do_not_change_a_bit(method, monkeypatch, rigid, tiles)
     A = rigid(13.0, 6.71, -3.19, centre=(55, 45))
     out_shape = (84, 120)
     full = warp_affine(frame, A, out_shape, method=method, feather_px=9.5)
-    monkeypatch.setattr(warp_module, "_CHUNK_PIXELS", 50)  # several row chunks per tile as well
+    monkeypatch.setattr(warp_module, "CHUNK_PIXELS", 50)  # several row chunks per tile as well
     for tile_size in [(17, 23), (84, 1), (5, 120), (40, 61)]:
         result = [np.zeros_like(a) for a in full]
         for origin, shape in tiles(out_shape, tile_size):
@@ -191,19 +198,23 @@ def test_source_window_values():
 # --------------------------------------------------------------------------- integer shifts
 
 
-def test_shift_integer_follows_even_pixel_shift():
-    frame = np.zeros((40, 60), np.uint16)
+@pytest.mark.parametrize("method", METHODS)
+def test_even_pixel_shift_through_the_warp_moves_pixels_unchanged(method):
+    """Integer alignment is the even translation of even_pixel_shift through the normal warp: a pixel moves to
+    ``(x + dx, y + dy)`` with its value unchanged, and frames with a channel axis move the same way."""
+    frame = np.zeros((40, 60), np.float32)
     frame[11, 23] = 1000
     A = np.array([[1.0, 0.0, 4.1], [0.0, 1.0, -5.9]])
     dx, dy = even_pixel_shift(A)
     assert (dx, dy) == (4, -6)
-    shifted, valid = shift_integer(frame, dx, dy, (40, 60))
-    assert shifted.dtype == np.uint16
+    shifted, valid, _ = warp_affine(frame, np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]]), (40, 60), method=method)
     y, x = np.argwhere(shifted == 1000)[0]
     assert np.abs(np.array([x, y]) - apply_transform(A, [23, 11])).max() < 1.0
-    assert shifted[11 + dy, 23 + dx] == 1000
-    assert valid.sum() == (60 - 4) * (40 - 6) and not valid[:, :4].any() and not valid[-6:].any()
-    cube, cube_valid = shift_integer(np.stack([frame, 2 * frame]), -2, 2, (30, 70))
+    assert shifted[11 + dy, 23 + dx] == 1000 and np.count_nonzero(shifted) == 1
+    if method == "bilinear":
+        assert valid.sum() == (60 - 4) * (40 - 6) and not valid[:, :4].any() and not valid[-6:].any()
+    cube, cube_valid, _ = warp_affine(np.stack([frame, 2 * frame]), np.array([[1.0, 0.0, -2], [0.0, 1.0, 2]]),
+                                      (30, 70), method=method)
     assert cube.shape == (2, 30, 70) and cube[1, 13, 21] == 2000 and cube_valid[13, 21]
 
 
@@ -221,12 +232,12 @@ def test_plane_transform(rigid):
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("method", METHODS)
-def test_bayer_even_translation_equals_shift_integer(pattern, method):
+def test_bayer_even_translation_is_a_plain_shift(pattern, method):
     mosaic = np.random.default_rng(2).integers(0, 65536, (36, 48)).astype(np.uint16)
     dx, dy = 6, -4
     A = np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]])
     warped, valid, weight = warp_bayer_planes(mosaic, pattern, A, (36, 48), method=method)
-    shifted, shifted_valid = shift_integer(mosaic, dx, dy, (36, 48))
+    shifted, shifted_valid = shifted_by(mosaic, dx, dy, (36, 48))
     if method == "bilinear":
         assert np.array_equal(valid, shifted_valid)
     assert valid.any() and np.all(shifted_valid[valid])

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import dwarf3gpu.warp as warp_module
-from dwarf3gpu.debayer import bayer_offsets, debayer_bilinear
-from dwarf3gpu.register import apply_transform, invert_transform
+from dwarf3gpu.debayer import debayer_bilinear
+from dwarf3gpu.geometry import apply_transform, bayer_offsets, invert_transform
 from dwarf3gpu.warp import (
     LANCZOS_PHASES,
     LATTICE_LOBES,
@@ -193,7 +193,7 @@ def test_tiling_odd_bands_and_chunks_do_not_change_a_bit(monkeypatch, rigid, til
     mosaic = np.random.default_rng(6).integers(0, 65536, (70, 90)).astype(np.uint16)
     A = rigid(-8.0, 2.21, 1.63, centre=(45, 35))
     full = warp_lattice(mosaic, "GRBG", A, (66, 96), feather_px=7.0)
-    monkeypatch.setattr(warp_module, "_CHUNK_PIXELS", 50)
+    monkeypatch.setattr(warp_module, "CHUNK_PIXELS", 50)
     result = [np.zeros_like(a) for a in full]
     for origin, shape in tiles((66, 96), (23, 29)):
         row0, row1, col0, col1 = source_window(A, shape, origin, (70, 90), LATTICE_MARGIN)
@@ -272,8 +272,8 @@ def _fwhm(img, x0, y0):
 def test_undersampled_star_stays_sharp(mosaic_of):
     """The reason for the method: a coloured star of FWHM 2.7 px (R, G, B = 0.6, 1, 0.8), point-sampled on the
     CFA of 8 frames at random rotations and sub-pixel phases, each resampled onto one grid and averaged. Master
-    G FWHM over the truth's (median of 6 stars; the acceptance session measures 1.039 against 1.217 for bilinear
-    demosaic + bilinear warp): here measured 1.012 and 1.155 (noise-free, beta fixed), asserted <= 1.04 and >= 1.10."""
+    G FWHM over the truth's (median of 6 stars; the simulated alt-az session of test_stack_session measures 1.039
+    against 1.217 for bilinear demosaic + bilinear warp): here measured 1.012 and 1.155 (noise-free, beta fixed), asserted <= 1.04 and >= 1.10."""
     rng = np.random.default_rng(2)
     ratios = {"lattice": [], "bilinear": []}
     Y, X = np.mgrid[0:31, 0:31].astype(np.float64)

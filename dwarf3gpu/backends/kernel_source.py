@@ -1,7 +1,7 @@
 """The CUDA C kernel sources: where they are, how they read, what their entry points take.
 
 The same ``kernels/*.cu`` files compile for the GPU (NVRTC, :data:`NVRTC_OPTIONS`) and for the CPU (g++ with
-OpenMP, :mod:`dwarf3gpu.backends.native`). This module is shared by both targets:
+OpenMP, :mod:`dwarf3gpu.backends.cpu_build`). This module is shared by both launch targets:
 
 - :func:`kernel_dir` finds the sources: ``$DWARF3GPU_KERNEL_DIR``, then the installed package's
   ``dwarf3gpu/kernels`` (the wheel ships the sources, never binaries), then the source tree's ``kernels/``;
