@@ -569,6 +569,8 @@ def clip_into(stack: np.ndarray, valid: np.ndarray | None, weights: np.ndarray |
     """Clip a stack seen as (N, C, L); write the (C, L) outputs given (``coverage`` may be (1, L) when ``valid``
     is shared by the channels: channel 0 writes it; ``bounds`` is an optional pair of (C, L) float64 arrays)."""
     n_frames, channels, n_pixels = stack.shape
+    if valid is not None and valid.dtype != np.bool_:
+        raise ValueError(f"valid must be a bool array, got dtype {valid.dtype}")
 
     scratch_of_thread: dict[int, _Scratch] = {}
 

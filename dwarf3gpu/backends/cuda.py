@@ -71,7 +71,7 @@ def compile_for_arch(path: str | Path, arch: str, directory: Path | None = None,
     """Compile one kernel file with NVRTC for ``arch`` (e.g. ``"sm_80"``) without needing a GPU.
 
     Same source text (:func:`~dwarf3gpu.backends.kernel_source.read_source`) and options (:func:`kernel_options` plus
-    what RawModule adds) as :class:`CudaBackend`; CuPy's NVRTC program wrapper does the compilation, as
+    what RawModule adds) as :class:`CudaTarget`; CuPy's NVRTC program wrapper does the compilation, as
     RawModule does, but with an explicit architecture (CuPy's public helpers ask the current device for it).
 
     Parameters

@@ -32,6 +32,7 @@ __all__ = [
     "BLOCK_2D",
     "Param",
     "Signature",
+    "candidate_dirs",
     "kernel_dir",
     "kernel_files",
     "read_source",
@@ -112,7 +113,7 @@ class Signature:
         return ", ".join(f"{p.ctype} {p.name}" for p in self.params)
 
 
-def _candidate_dirs() -> list[Path]:
+def candidate_dirs() -> list[Path]:
     """Folders searched for the sources, in order."""
     here = Path(__file__).resolve().parent
     candidates = []
@@ -138,7 +139,7 @@ def kernel_dir() -> Path:
     BackendUnavailableError
         No candidate holds kernel sources; the message lists every path tried.
     """
-    tried = _candidate_dirs()
+    tried = candidate_dirs()
     for folder in tried:
         if folder.is_dir() and any(folder.glob("*.cu")):
             return folder
