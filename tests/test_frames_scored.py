@@ -269,7 +269,7 @@ def test_workers_give_identical_results_full_frames(name, request, tmp_path):
     assert _results(two) == _results(case.analysis)
 
 
-def test_caches(tmp_path_factory, monkeypatch):
+def test_caches(tmp_path_factory):
     config = replace(SMALL, seed=4, clutter=False)
     sim = simulate_session(tmp_path_factory.mktemp("cache") / "sim", config)
     session = discover(sim.session_dir)
@@ -280,18 +280,14 @@ def test_caches(tmp_path_factory, monkeypatch):
     assert first.cache == {"scores": {"hits": 0, "misses": n}, "transforms": {"hits": 0, "misses": n}}
     assert sorted(p.name for p in (out / "cache").iterdir()) == ["scores.json", "transforms.json"]
 
-    # second call: everything from the cache, nothing measured or matched
-    import dwarf3gpu.analysis as analysis_module
-
-    def forbidden(args):
-        raise AssertionError("a cached frame was recomputed")
-
-    with monkeypatch.context() as m:
-        m.setattr(analysis_module, "_measure_task", forbidden)
-        m.setattr(analysis_module, "_register_task", forbidden)
-        second = analyze_session(session, AnalysisConfig(), out_dir=out, workers=1)
-        # a setting that the cached values do not depend on keeps them
-        other_keep = analyze_session(session, AnalysisConfig(keep=0.5), out_dir=out, workers=1)
+    # second call: everything from the cache, nothing measured or matched (progress reports every computed
+    # frame; a stage served from the cache reports once, already complete)
+    reports = []
+    second = analyze_session(session, AnalysisConfig(), out_dir=out, workers=1,
+                             progress=lambda stage, done, total: reports.append((done, total)))
+    assert reports and all(done == total == n for done, total in reports)
+    # a setting that the cached values do not depend on keeps them
+    other_keep = analyze_session(session, AnalysisConfig(keep=0.5), out_dir=out, workers=1)
     assert second.cache == {"scores": {"hits": n, "misses": 0}, "transforms": {"hits": n, "misses": 0}}
     assert _results(second) == _results(first)
     assert other_keep.cache == second.cache
