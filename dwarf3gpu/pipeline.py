@@ -1,9 +1,10 @@
 """``stack_session``: one session in, a linear master, previews, a manifest and a report out.
 
-Stages: discover -> measure -> select -> register (``analysis.py``) -> calibrate (dark + hot pixels,
-``calibrate.py``) -> warp + stack in tiles (through the backend) -> finish (colour calibration recorded,
-previews) -> write. Every file goes to ``<output_root>/<session>/`` atomically; nothing is written under the
-session folder.
+Orchestration only. Stages: discover (``session.py``) -> measure -> select -> register (``analysis.py``) -> dark
+calibration (``calibrate.py``) -> background levels and normalisation (``normalise.py``) -> render and clip in
+memory-budgeted tiles (``tiles.py`` driving ``render.FrameRenderer`` through the stage operations of
+``backends``) -> crop -> colour calibration, master, previews (``products.py``) -> manifest and reports. Every
+file goes to ``<output_root>/<session>/`` atomically; nothing is written under the session folder.
 """
 
 from __future__ import annotations

@@ -372,6 +372,20 @@ def synthetic_sky() -> Callable[..., np.ndarray]:
 # ------------------------------------------------------------------------------------------ collection
 
 
+@pytest.fixture(scope="session")
+def dark_session(tmp_path_factory) -> SimulatedSession:
+    """A small EQ session with a dark library: the dark-offset path (float32 windows, hot pixels from the dark).
+
+    Returns
+    -------
+    SimulatedSession
+    """
+    config = SimulationConfig(n_frames=5, width=320, height=256, mode="eq", drift_px_per_hour=300.0, n_failed=0,
+                              n_cloudy=0, n_trailed=0, n_bad_seeing=0, clutter=False, seed=5, with_darks=True,
+                              hot_pixels_per_megapixel=400.0, galaxy=False)
+    return simulate_session(tmp_path_factory.mktemp("dark_session"), config)
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip ``@pytest.mark.gpu`` tests, with the reason, where the CUDA backend cannot run."""
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]

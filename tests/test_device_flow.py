@@ -21,12 +21,9 @@ from astropy.io import fits
 
 import dwarf3gpu.pipeline as pipeline
 from dwarf3gpu.backends import KernelStageOps, cpu_backend
-from dwarf3gpu.backends import cpu_build
 from dwarf3gpu.backends.kernel_source import define_value
 from dwarf3gpu.clip import ClipSettings
 from dwarf3gpu.config import StackConfig
-from dwarf3gpu.errors import BackendUnavailableError
-from dwarf3gpu.simulate import SimulationConfig, simulate_session
 
 #: Uploads of fewer elements are kernel parameters (a transform, frame weights), not image data.
 SMALL_UPLOAD = 64
@@ -97,8 +94,8 @@ class StandInTarget:
 
     name = "device-standin"
 
-    def __init__(self, budget: int):
-        self.build = cpu_build.load()
+    def __init__(self, build, budget: int):
+        self.build = build
         self.transfers = Transfers()
         self.xp = _device_module(self.transfers)
         self.budget = budget
@@ -123,23 +120,6 @@ class StandInTarget:
         return self.clip_max_frames if settings.median or settings.mad_std else 2**31 - 1
 
 
-@pytest.fixture(scope="module")
-def cpu_build_or_skip():
-    try:
-        return cpu_build.load()
-    except BackendUnavailableError as exc:  # no C++ compiler: the CPU build cannot stand in for the GPU
-        pytest.skip(f"needs the CPU build of the kernels: {exc}")
-
-
-@pytest.fixture(scope="module")
-def dark_session(tmp_path_factory):
-    """A small EQ session with a dark library (the dark offset path: float32 windows)."""
-    config = SimulationConfig(n_frames=5, width=320, height=256, mode="eq", drift_px_per_hour=300.0, n_failed=0,
-                              n_cloudy=0, n_trailed=0, n_bad_seeing=0, clutter=False, seed=5, with_darks=True,
-                              hot_pixels_per_megapixel=400.0, galaxy=False)
-    return simulate_session(tmp_path_factory.mktemp("device_flow_darks"), config)
-
-
 def test_the_standin_refuses_to_mix_host_and_device():
     xp = _device_module(Transfers())
     device = xp.zeros(4, np.float32)
@@ -159,7 +139,7 @@ PATHS = {
 @pytest.mark.parametrize("session_kind, settings", [("lights", s) for s in PATHS.values()]
                          + [("darks", PATHS["lattice"]), ("darks", PATHS["mhc"]), ("darks", PATHS["cfa"])],
                          ids=[f"lights-{k}" for k in PATHS] + ["darks-lattice", "darks-mhc", "darks-cfa"])
-def test_every_render_path_stays_on_the_device(cpu_build_or_skip, small_session, dark_session, big_budget, session_kind,
+def test_every_render_path_stays_on_the_device(cpu_build_target, small_session, dark_session, big_budget, session_kind,
                                                settings, tmp_path, monkeypatch):
     """Each path gives the CPU backend's master, coverage and rejected map bit for bit over several tiles, with one
     raw-window upload per frame and tile (plus the reference frame's single render) and one download of each tile
@@ -169,7 +149,7 @@ def test_every_render_path_stays_on_the_device(cpu_build_or_skip, small_session,
     budget = (30 << 20) if small else 48 << 20  # several tiles
     config = StackConfig(memory_budget=budget, **settings)
     cpu = pipeline.stack_session(session.session_dir, tmp_path / "cpu", config, workers=2, use_cache=False)
-    target = StandInTarget(big_budget)
+    target = StandInTarget(cpu_build_target, big_budget)
     ops = KernelStageOps(target)
     monkeypatch.setattr(pipeline, "get_backend", lambda *a, **k: ops)
     dev = pipeline.stack_session(session.session_dir, tmp_path / "dev", config, workers=2, use_cache=False)
@@ -194,7 +174,7 @@ def test_every_render_path_stays_on_the_device(cpu_build_or_skip, small_session,
     assert transfers.downloads == downloads
 
 
-def test_a_host_round_trip_is_caught(cpu_build_or_skip, small_session, big_budget, tmp_path, monkeypatch):
+def test_a_host_round_trip_is_caught(cpu_build_target, small_session, big_budget, tmp_path, monkeypatch):
     """The check above can fail: a renderer that brings each render back to the host and uploads it again (the
     old non-lattice data flow) breaks the download count."""
     from dwarf3gpu import render
@@ -205,7 +185,7 @@ def test_a_host_round_trip_is_caught(cpu_build_or_skip, small_session, big_budge
         original(self, index, row0, row1, col0, col1, data, valid, weight)
         data[...] = self.ops.upload(self.ops.download(data))
 
-    target = StandInTarget(big_budget)
+    target = StandInTarget(cpu_build_target, big_budget)
     ops = KernelStageOps(target)
     monkeypatch.setattr(pipeline, "get_backend", lambda *a, **k: ops)
     monkeypatch.setattr(render.FrameRenderer, "render_into", round_trip)
@@ -215,6 +195,6 @@ def test_a_host_round_trip_is_caught(cpu_build_or_skip, small_session, big_budge
     assert target.transfers.downloads > 3 * n_tiles + 2
 
 
-def test_cpu_backend_is_the_cpu_build(cpu_build_or_skip):
+def test_cpu_backend_is_the_cpu_build(cpu_build_target):
     ops = cpu_backend()
     assert isinstance(ops, KernelStageOps) and ops.xp is np and ops.name == "cpu"

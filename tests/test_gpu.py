@@ -19,7 +19,6 @@ from dwarf3gpu.calibrate import DarkCalibration
 from dwarf3gpu.clip import clip_settings
 from dwarf3gpu.config import StackConfig
 from dwarf3gpu.pipeline import stack_session
-from dwarf3gpu.simulate import SimulationConfig, simulate_session
 
 pytestmark = pytest.mark.gpu
 
@@ -106,15 +105,6 @@ def test_stage_operations_stay_on_the_device(gpu):
                                 cupy.empty((3, 500), cupy.int16))
     gpu.clip_into(stack, None, None, None, clip_settings(), mean, coverage, rejected)
     assert int(coverage.min()) == 9 and np.isfinite(gpu.download(mean)).all()
-
-
-@pytest.fixture(scope="module")
-def dark_session(tmp_path_factory):
-    """A small EQ session with a dark library (the dark offset path: float32 windows)."""
-    config = SimulationConfig(n_frames=5, width=320, height=256, mode="eq", drift_px_per_hour=300.0, n_failed=0,
-                              n_cloudy=0, n_trailed=0, n_bad_seeing=0, clutter=False, seed=5, with_darks=True,
-                              hot_pixels_per_megapixel=400.0, galaxy=False)
-    return simulate_session(tmp_path_factory.mktemp("gpu_darks"), config)
 
 
 @pytest.mark.parametrize("session_kind, settings", [
