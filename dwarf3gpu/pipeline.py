@@ -274,7 +274,8 @@ def _stack(
                              (height, width), calibration)
     settings = clip_settings(sigma_lower=config.sigma_bounds[0], sigma_upper=config.sigma_bounds[1],
                              maxiters=config.maxiters, cenfunc=config.cenfunc, stdfunc=config.stdfunc)
-    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    ops.bind_thread()
+    pool = ThreadPoolExecutor(max_workers=workers, initializer=ops.bind_thread) if workers > 1 else None
     try:
         mean, coverage, rejected = stack_tiles(
             plan, renderer, len(kept), (channels, out_h, out_w), ops=ops, settings=settings,

@@ -13,6 +13,7 @@ tile (mean, coverage, rejected): any host round trip in a render path would add 
 
 from __future__ import annotations
 
+import threading
 import types
 
 import numpy as np
@@ -96,12 +97,17 @@ class StandInTarget:
 
     def __init__(self, build, budget: int):
         self.build = build
+        self.bound: set[int] = set()
         self.transfers = Transfers()
         self.xp = _device_module(self.transfers)
         self.budget = budget
         self.clip_max_frames = define_value("D3_CLIP_MAX_FRAMES")
 
+    def bind_thread(self):
+        self.bound.add(threading.get_ident())
+
     def launch(self, name, grid, block, *args):
+        assert threading.get_ident() in self.bound, f"{name}: launched from a thread not bound to the device"
         for arg in args:
             if isinstance(arg, np.ndarray) and arg.ndim:
                 assert isinstance(arg, DeviceArray), f"{name}: a kernel argument lives on the host"

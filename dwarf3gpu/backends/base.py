@@ -51,6 +51,9 @@ class LaunchTarget(Protocol):
     def to_host(self, array: Any) -> np.ndarray:
         """``array`` as a NumPy array (a download on a device; the array itself on the CPU)."""
 
+    def bind_thread(self) -> None:
+        """Make the calling thread allocate and launch on this target's device (nothing on the CPU)."""
+
     def memory_budget(self) -> int:
         """Default memory budget of the stacking tiles, bytes."""
 
@@ -92,6 +95,9 @@ class StageOps(Protocol):
 
     def download(self, array: Any) -> np.ndarray:
         """An ``xp`` array on the host."""
+
+    def bind_thread(self) -> None:
+        """Make the calling thread work on the operations' device; every thread that calls them does so first."""
 
     def on_target(self, calibration: DarkCalibration) -> Any:
         """The dark calibration's arrays on ``xp``, made once per run for :meth:`calibrate_window`."""

@@ -198,6 +198,9 @@ class CpuBuildTarget:
         """``array`` itself (the build runs on the host)."""
         return np.asarray(array)
 
+    def bind_thread(self) -> None:
+        """Nothing: the build runs on the host."""
+
     def memory_budget(self) -> int:
         """See :func:`dwarf3gpu.resources.default_memory_budget` (a share of the available RAM)."""
         return default_memory_budget()

@@ -146,6 +146,10 @@ class CudaTarget:
         """``array`` downloaded to the host."""
         return self._cupy.asnumpy(array)
 
+    def bind_thread(self) -> None:
+        """Make :attr:`device` the calling thread's current device (CuPy allocates there)."""
+        self._cupy.cuda.Device(self.device).use()
+
     def clip_kernel_max_frames(self, settings: ClipSettings) -> int:
         """``D3_CLIP_MAX_FRAMES`` for a median centre or a MAD spread (the kernel sorts each pixel's samples in
         fixed per-thread arrays); no limit otherwise."""

@@ -69,6 +69,9 @@ class ReferenceStageOps:
         """``array`` itself."""
         return np.asarray(array)
 
+    def bind_thread(self) -> None:
+        """Nothing: the host has no device to choose."""
+
     def on_target(self, calibration: DarkCalibration) -> DarkCalibration:
         """``calibration`` itself."""
         return calibration

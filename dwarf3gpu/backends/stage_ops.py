@@ -104,6 +104,10 @@ class KernelStageOps:
         """``array`` on the host."""
         return self.target.to_host(array)
 
+    def bind_thread(self) -> None:
+        """See :meth:`~dwarf3gpu.backends.base.LaunchTarget.bind_thread`."""
+        self.target.bind_thread()
+
     def _f32(self, array: Any) -> Any:
         """C-contiguous float32 copy or view of ``array`` on the target."""
         return self.xp.ascontiguousarray(self.xp.asarray(array), dtype=self.xp.float32)
