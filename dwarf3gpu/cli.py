@@ -395,7 +395,7 @@ def stack(
     debayer: Annotated[str, typer.Option(help="'rgb' (debayer each frame, then warp: strong rotation), 'bayer-first', 'superpixel' (half size) or 'none' (CFA master).")] = "rgb",
     align_mode: Annotated[str, typer.Option(help="'auto', 'integer' (even-pixel shifts) or 'rgb_affine'.")] = "auto",
     interpolation: Annotated[str, typer.Option(help="Warp kernel: 'bilinear' or 'bicubic' (sharper).")] = "bilinear",
-    demosaic: Annotated[str, typer.Option(help="RGB of --debayer rgb: 'lattice' (each colour resampled from its own CFA lattice, Lanczos: sharpest), or demosaic then warp with --interpolation: 'bilinear' or 'mhc' (Malvar-He-Cutler).")] = "lattice",
+    demosaic: Annotated[str, typer.Option(help="RGB of --debayer rgb: 'lattice' (each colour resampled from its own CFA lattice, Lanczos: sharpest), 'chroma' (the same with red and blue resampled as colour differences from green: as sharp, no coloured rings around stars), or demosaic then warp with --interpolation: 'bilinear' or 'mhc' (Malvar-He-Cutler).")] = "lattice",
     normalisation: Annotated[str, typer.Option(help="Frame normalisation before rejection: 'additive', 'multiplicative' or 'none'.")] = "additive",
     weights: Annotated[str, typer.Option(help="Frame weights: 'none' or 'noise' (inverse variance).")] = "none",
     feather: Annotated[float, typer.Option(help="Feather frame edges over this many pixels (0: off).")] = 0.0,

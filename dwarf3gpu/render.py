@@ -5,7 +5,8 @@ reads the source window the tile needs (only those rows, only those columns deco
 stage operations' array module, and there applies the dark calibration, the debayer/resampling path of the
 settings and the normalisation, writing into the tile buffer. On CUDA nothing of a frame comes back to the host.
 
-Paths (``--debayer`` / ``--demosaic``): ``rgb`` + ``lattice`` (each colour resampled from its own CFA lattice),
+Paths (``--debayer`` / ``--demosaic``): ``rgb`` + ``lattice`` (each colour resampled from its own CFA lattice) or
+``chroma`` (the same, red and blue as colour differences from green),
 ``rgb`` + ``bilinear`` or ``mhc`` (debayer the window, then warp the RGB), ``superpixel`` (2x2 cells, then warp at
 half resolution), ``bayer-first`` and ``none`` (the four Bayer planes warped separately into a CFA tile).
 """
@@ -140,7 +141,7 @@ class FrameRenderer:
                             out=out)
             ops.normalise(data, offset, scale)
             return
-        lattice = not self.cfa and config.demosaic == "lattice"
+        lattice = not self.cfa and config.demosaic in ("lattice", "chroma")
         margin = (LATTICE_MARGIN if lattice
                   else window_margin(method, bayer_planes=self.cfa) + (0 if self.cfa else DEBAYER_MARGIN))
         r0, r1, c0, c1 = source_window(A, out_shape, out_origin, (height, width), margin)
@@ -148,7 +149,8 @@ class FrameRenderer:
         common = dict(out_origin=out_origin, src_origin=(r0, c0), src_size=(height, width),
                       feather_px=config.feather_px)
         if lattice:  # each colour straight from its own CFA lattice: no separate demosaic (METHODS.md, "Warp")
-            ops.warp_lattice(band, self.pattern, A, out_shape, out=out, **common)  # takes the raw uint16 as read
+            resample = ops.warp_lattice_chroma if config.demosaic == "chroma" else ops.warp_lattice
+            resample(band, self.pattern, A, out_shape, out=out, **common)  # takes the raw uint16 as read
             ops.normalise(data, offset, scale)
             return
         band = band.astype(ops.xp.float32, copy=False)

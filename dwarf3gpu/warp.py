@@ -15,6 +15,8 @@ the source into bands. Sample values are float32.
 - :func:`warp_lattice`: a mosaic resampled straight to RGB, every colour interpolated from its
   own CFA lattice (Lanczos-5 on the green quincunx, Lanczos-3 on red and blue): one
   interpolation instead of a demosaic and a warp (the default of ``--debayer rgb``).
+- :func:`warp_lattice_chroma`: the same, but red and blue resampled as colour differences from green
+  (``--demosaic chroma``): R and B alias like G, so star cores keep one colour.
 """
 
 from __future__ import annotations
@@ -32,14 +34,17 @@ __all__ = [
     "window_margin",
     "warp_bayer_planes",
     "warp_lattice",
+    "warp_lattice_chroma",
     "lanczos_table",
     "lattice_layout",
     "lattice_planes",
+    "lattice_chroma_planes",
     "check_method",
     "frame_size",
     "WARP_METHODS",
     "LATTICE_LOBES",
     "LATTICE_MARGIN",
+    "CHROMA_REACH",
     "LANCZOS_PHASES",
     "CHUNK_PIXELS",
 ]
@@ -556,6 +561,54 @@ def lattice_planes(mosaic: np.ndarray, src_origin: tuple[int, int], pattern: str
     return red, blue, green
 
 
+CHROMA_REACH = 2
+"""Pixels beyond a red or blue lattice tap that :func:`lattice_chroma_planes` reads (the green estimate's 5 x 5
+cross)."""
+
+
+def _reflect(k: np.ndarray, n: int) -> np.ndarray:
+    """Frame index ``k`` reflected about the edge pixels into ``[0, n - 1]`` (``-1 -> 1``, ``n -> n - 2``: the
+    Bayer colour is kept)."""
+    k = np.where(k < 0, -k, k)
+    return np.where(k > n - 1, 2 * (n - 1) - k, k)
+
+
+def lattice_chroma_planes(mosaic: np.ndarray, src_origin: tuple[int, int], pattern: str,
+                          frame_size: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """The lattice planes of :func:`lattice_planes` with red and blue replaced by the colour differences ``R - G``
+    and ``B - G`` at their sites (the kernel ``d3_lattice_chroma_planes``).
+
+    ``G`` at a red or blue site is the Malvar-He-Cutler green estimate from the 5 x 5 cross around it (centre
+    ``C``, green neighbours ``N S W E`` at 1 pixel, same-colour ``NN SS WW EE`` at 2 pixels), float32 in this
+    order: ``G = ((N + S) + (W + E)) 0.25 + (((C + C) + (C + C)) - ((NN + SS) + (WW + EE))) 0.125``, then
+    ``C - G``; uniform colours give exactly ``G``. Neighbours beyond the frame are reflected about its edge pixels
+    (the colour is kept); those inside the frame but outside the band are clamped to the band: no valid pixel of
+    :func:`warp_lattice_chroma` uses such an entry (its band check covers :data:`CHROMA_REACH`).
+    """
+    data = np.asarray(mosaic, dtype=np.float32)
+    L = lattice_layout(data.shape, src_origin, pattern)
+    red, blue, green = lattice_planes(data, src_origin, pattern)
+    band_h, band_w = data.shape
+    r0, c0 = int(src_origin[0]), int(src_origin[1])
+    height, width = int(frame_size[0]), int(frame_size[1])
+    planes = []
+    for s, plane in enumerate((red, blue)):
+        rows = np.arange(plane.shape[0]) * 2 + L.row_off[s] + r0
+        cols = np.arange(plane.shape[1]) * 2 + L.col_off[s] + c0
+
+        def at(dy: int, dx: int) -> np.ndarray:
+            iy = np.clip(_reflect(rows + dy, height) - r0, 0, band_h - 1)
+            ix = np.clip(_reflect(cols + dx, width) - c0, 0, band_w - 1)
+            return data[iy[:, None], ix[None, :]]
+
+        centre = plane
+        green4 = (at(-1, 0) + at(1, 0)) + (at(0, -1) + at(0, 1))
+        laplace = ((centre + centre) + (centre + centre)) - ((at(-2, 0) + at(2, 0)) + (at(0, -2) + at(0, 2)))
+        estimate = green4 * np.float32(0.25) + laplace * np.float32(0.125)
+        planes.append(np.ascontiguousarray(centre - estimate, dtype=np.float32))
+    return planes[0], planes[1], green
+
+
 def _lattice_sum(plane: np.ndarray, first: np.ndarray, outer: int, w_inner: np.ndarray,
                  w_outer: np.ndarray) -> np.ndarray:
     """Separable interpolation over the taps ``x[k][m] = plane[first + k outer + m]`` of a flat lattice plane
@@ -649,6 +702,41 @@ def warp_lattice(
         the frame, or the band lacks taps a valid pixel needs (cut it with :func:`source_window` and
         :data:`LATTICE_MARGIN`).
     """
+    return _warp_lattice(mosaic, pattern, A, out_shape, out_origin, src_origin, src_size, feather_px, out, False)
+
+
+def warp_lattice_chroma(
+    mosaic: np.ndarray,
+    pattern: str,
+    A: np.ndarray,
+    out_shape: tuple[int, int],
+    *,
+    out_origin: tuple[int, int] = (0, 0),
+    src_origin: tuple[int, int] = (0, 0),
+    src_size: tuple[int, int] | None = None,
+    feather_px: float = 0.0,
+    out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`warp_lattice` with red and blue resampled as colour differences from green (``--demosaic chroma``).
+
+    G is resampled from its quincunx exactly as in :func:`warp_lattice`. The red and blue lattice samples are
+    replaced by ``R - G`` and ``B - G``, with G at those sites the Malvar-He-Cutler estimate of
+    :func:`lattice_chroma_planes`; these differences are resampled from the red and blue lattices with the same
+    Lanczos-3 weights, and added to the resampled green: ``R = G' + (R - G)'``, ``B = G' + (B - G)'`` (float32,
+    in that order). Colour differences are smooth across a star, so they alias far less than R and B: the
+    colours of a star core no longer ring around it.
+
+    Same parameters, returns and errors as :func:`warp_lattice`, and the same valid mask and weight: the green
+    estimates reflect about the frame edges, and the band must hold the red and blue taps'
+    :data:`CHROMA_REACH`-pixel neighbours as well (within :data:`LATTICE_MARGIN`). A uniform colour comes out
+    exactly whenever ``R - G`` and ``B - G`` are exact in float32 (integer values, e.g. raw counts, or channels
+    within a factor 2 of each other); otherwise within an ulp of the larger channel.
+    """
+    return _warp_lattice(mosaic, pattern, A, out_shape, out_origin, src_origin, src_size, feather_px, out, True)
+
+
+def _warp_lattice(mosaic, pattern, A, out_shape, out_origin, src_origin, src_size, feather_px, out, chroma: bool):
+    """:func:`warp_lattice` (``chroma`` False) or :func:`warp_lattice_chroma` (True)."""
     if not feather_px >= 0.0:
         raise ValueError(f"feather_px must be >= 0, got {feather_px}")
     data = np.asarray(mosaic).astype(np.float32, copy=False)
@@ -660,7 +748,9 @@ def warp_lattice(
     height, width = frame_size(data.shape, src_origin, src_size)
     rows_out, cols_out = int(out_shape[0]), int(out_shape[1])
     B = invert_transform(A)
-    planes_flat = [plane.ravel() for plane in lattice_planes(data, src_origin, pattern)]
+    split = (lattice_chroma_planes(data, src_origin, pattern, (height, width)) if chroma
+             else lattice_planes(data, src_origin, pattern))
+    planes_flat = [plane.ravel() for plane in split]
     (rr, rc), (br, bc) = L.sites
     g = L.g
     n_rb, n_g = LATTICE_LOBES["RB"], LATTICE_LOBES["G"]
@@ -689,11 +779,12 @@ def warp_lattice(
         xg_lo, xg_hi = u0 + v0 - reach + g, u0 + v0 + 2 * n_g + g
         yg_lo, yg_hi = u0 - v0 - (2 * n_g - 1), u0 - v0 + (2 * n_g - 1)
         lows_x, highs_x, lows_y, highs_y = [xg_lo[ok]], [xg_hi[ok]], [yg_lo[ok]], [yg_hi[ok]]
+        extra = CHROMA_REACH if chroma else 0  # the green estimates' neighbours, reflected into the frame
         for r, c, jx, _, iy, _ in planes:
-            lows_x.append(2 * (jx[ok] - (n_rb - 1)) + c)
-            highs_x.append(2 * (jx[ok] + n_rb) + c)
-            lows_y.append(2 * (iy[ok] - (n_rb - 1)) + r)
-            highs_y.append(2 * (iy[ok] + n_rb) + r)
+            lows_x.append(np.maximum(2 * (jx[ok] - (n_rb - 1)) + c - extra, 0))
+            highs_x.append(np.minimum(2 * (jx[ok] + n_rb) + c + extra, width - 1))
+            lows_y.append(np.maximum(2 * (iy[ok] - (n_rb - 1)) + r - extra, 0))
+            highs_y.append(np.minimum(2 * (iy[ok] + n_rb) + r + extra, height - 1))
         for lows, highs, start, length, axis in ((lows_x, highs_x, src_origin[1], band_w, "columns"),
                                                  (lows_y, highs_y, src_origin[0], band_h, "rows")):
             low, high = min(int(a.min()) for a in lows), max(int(a.max()) for a in highs)
@@ -702,14 +793,14 @@ def warp_lattice(
                     f"source band {axis} [{start}, {start + length}) lacks the taps [{low}, {high + 1}) needed by "
                     "the output tile; cut it with source_window() and LATTICE_MARGIN"
                 )
+        # G: inner axis v, outer axis u of the green plane; first tap (U0 - n + 1, V0 - n + 1).
+        first_tap = (u0[ok] - (n_g - 1) - L.u_lo) * L.n_v + (v0[ok] - (n_g - 1) - L.v_lo)
+        green = _lattice_sum(planes_flat[2], first_tap, L.n_v, table_g[pv[ok]], table_g[pu[ok]])
+        rgb[1, first:last][ok] = green
         for s, (channel, (_, _, jx, px, iy, py)) in enumerate(zip((0, 2), planes)):
             first_tap = (iy[ok] - (n_rb - 1) - L.iy0[s]) * L.cols[s] + (jx[ok] - (n_rb - 1) - L.jx0[s])
             values = _lattice_sum(planes_flat[s], first_tap, L.cols[s], table_rb[px[ok]], table_rb[py[ok]])
-            rgb[channel, first:last][ok] = values
-        # G: inner axis v, outer axis u of the green plane; first tap (U0 - n + 1, V0 - n + 1).
-        first_tap = (u0[ok] - (n_g - 1) - L.u_lo) * L.n_v + (v0[ok] - (n_g - 1) - L.v_lo)
-        values = _lattice_sum(planes_flat[2], first_tap, L.n_v, table_g[pv[ok]], table_g[pu[ok]])
-        rgb[1, first:last][ok] = values
+            rgb[channel, first:last][ok] = green + values if chroma else values
         valid[first:last] = ok
         if feather_px > 0.0:
             edge = np.minimum(np.minimum(xs + 0.5, (width - 0.5) - xs), np.minimum(ys + 0.5, (height - 0.5) - ys))

@@ -1,6 +1,7 @@
 // Affine resampling onto the reference grid: bilinear or bicubic (Keys, a = -0.5), a validity mask and a
 // feather weight; the same per Bayer plane; and a raw mosaic straight to RGB, each colour from its own CFA
-// lattice with Lanczos weights. Reference: dwarf3gpu/warp.py (warp_affine, warp_bayer_planes, warp_lattice).
+// lattice with Lanczos weights (red and blue optionally as colour differences from green). Reference:
+// dwarf3gpu/warp.py (warp_affine, warp_bayer_planes, warp_lattice, warp_lattice_chroma).
 // The source coordinate of every output pixel is computed in float64 from its ABSOLUTE reference position with
 // the INVERSE affine B (frame <- reference), in the reference's order:
 //   xs = B00 X + (B01 Y + B02),  ys = B10 X + (B11 Y + B12),
@@ -282,17 +283,73 @@ D3_DEVICE float d3_lattice_sum(const float* plane, long long first, long long ou
     return value;
 }
 
-// Resample the lattice planes of a raw mosaic band (band_h x band_w at (src_row0, src_col0) of a frame_h x
-// frame_w frame with Bayer pattern `pattern`, split by d3_lattice_planes) to RGB on an out_h x out_w reference
-// tile at (out_row0, out_col0). `inverse` is B = A^-1 (6 doubles); table_rb / table_g are the Lanczos tables
-// (D3_LANCZOS_PHASES rows of 2 lobes floats). 2-D grid, one thread per output pixel; out (3, out_h, out_w),
-// valid and weight (out_h, out_w). valid: 0 invalid, 1 valid, 2 valid but a tap lies outside the band (the
-// Python wrapper raises).
-extern "C" __global__ void d3_warp_lattice(const float* red, const float* blue, const float* green, int band_h,
-                                           int band_w, int src_row0, int src_col0, int frame_h, int frame_w,
-                                           int pattern, const double* inverse, const float* table_rb,
-                                           const float* table_g, int out_h, int out_w, int out_row0, int out_col0,
-                                           double feather_px, float* out, unsigned char* valid, float* weight) {
+// Colour-difference planes (warp.lattice_chroma_planes): frame index k reflected about the edge pixels into
+// [0, n - 1] (the Bayer colour is kept), then the mosaic value there, clamped to the band (such entries are never
+// used by a valid pixel: the warp's band check covers D3_CHROMA_REACH).
+#define D3_CHROMA_REACH 2
+
+D3_DEVICE long long d3_reflect(long long k, int n) {
+    k = k < 0 ? -k : k;
+    return k > n - 1 ? 2LL * (n - 1) - k : k;
+}
+
+template <class T>
+D3_DEVICE float d3_chroma_neighbour(const T* mosaic, int band_h, int band_w, int src_row0, int src_col0, int frame_h,
+                                    int frame_w, long long Y, long long X) {
+    const long long i = d3_clamp_index(d3_reflect(Y, frame_h) - src_row0, band_h);
+    const long long j = d3_clamp_index(d3_reflect(X, frame_w) - src_col0, band_w);
+    return (float)mosaic[i * band_w + j];
+}
+
+// d3_lattice_split, with the red and blue planes holding C - G: G the Malvar-He-Cutler green estimate at the site
+// from its 5 x 5 cross, G = ((N + S) + (W + E)) 0.25 + (((C + C) + (C + C)) - ((NN + SS) + (WW + EE))) 0.125,
+// float32 in this order (exact on uniform colours).
+template <class T>
+D3_DEVICE void d3_lattice_chroma_split(const T* mosaic, int band_h, int band_w, int src_row0, int src_col0,
+                                       int frame_h, int frame_w, int pattern, float* red, float* blue, float* green) {
+    const long long x = d3_global_x(), y = d3_global_y();
+    if (y >= band_h || x >= band_w) return;
+    const d3_lattice_layout L = d3_make_lattice_layout(band_h, band_w, src_row0, src_col0, pattern);
+    const float value = (float)mosaic[y * band_w + x];
+    const long long X = src_col0 + x, Y = src_row0 + y;
+    for (int s = 0; s < 2; ++s) {
+        if ((int)(Y & 1) == L.site_r[s] && (int)(X & 1) == L.site_c[s]) {
+#define D3_AT(dy, dx) d3_chroma_neighbour(mosaic, band_h, band_w, src_row0, src_col0, frame_h, frame_w, Y + (dy), X + (dx))
+            const float green4 = (D3_AT(-1, 0) + D3_AT(1, 0)) + (D3_AT(0, -1) + D3_AT(0, 1));
+            const float far4 = (D3_AT(-2, 0) + D3_AT(2, 0)) + (D3_AT(0, -2) + D3_AT(0, 2));
+#undef D3_AT
+            const float laplace = ((value + value) + (value + value)) - far4;
+            const float estimate = green4 * 0.25f + laplace * 0.125f;
+            float* plane = s == 0 ? red : blue;
+            plane[((y - L.row_off[s]) >> 1) * L.cols[s] + ((x - L.col_off[s]) >> 1)] = value - estimate;
+            return;
+        }
+    }
+    const long long a = ((X + Y - L.g) >> 1) - L.u_lo, b = ((X - Y - L.g) >> 1) - L.v_lo;
+    green[a * L.n_v + b] = value;
+}
+
+// d3_lattice_chroma_split of a float32 band. 2-D grid over the band, one thread per band pixel.
+extern "C" __global__ void d3_lattice_chroma_planes(const float* mosaic, int band_h, int band_w, int src_row0,
+                                                    int src_col0, int frame_h, int frame_w, int pattern, float* red,
+                                                    float* blue, float* green) {
+    d3_lattice_chroma_split(mosaic, band_h, band_w, src_row0, src_col0, frame_h, frame_w, pattern, red, blue, green);
+}
+
+// d3_lattice_chroma_split of a raw uint16 band.
+extern "C" __global__ void d3_lattice_chroma_planes_u16(const unsigned short* mosaic, int band_h, int band_w,
+                                                        int src_row0, int src_col0, int frame_h, int frame_w,
+                                                        int pattern, float* red, float* blue, float* green) {
+    d3_lattice_chroma_split(mosaic, band_h, band_w, src_row0, src_col0, frame_h, frame_w, pattern, red, blue, green);
+}
+
+// One output pixel of d3_warp_lattice (chroma false) or d3_warp_lattice_chroma (true: the red and blue planes hold
+// colour differences, their taps' D3_CHROMA_REACH neighbours must lie in the band, and R = G + (R - G)').
+D3_DEVICE void d3_lattice_pixel(const float* red, const float* blue, const float* green, int band_h, int band_w,
+                                int src_row0, int src_col0, int frame_h, int frame_w, int pattern,
+                                const double* inverse, const float* table_rb, const float* table_g, int out_h,
+                                int out_w, int out_row0, int out_col0, double feather_px, float* out,
+                                unsigned char* valid, float* weight, bool chroma) {
     const long long j = d3_global_x(), i = d3_global_y();
     if (i >= out_h || j >= out_w) return;
     const long long plane = (long long)out_h * out_w, k = i * out_w + j;
@@ -325,9 +382,14 @@ extern "C" __global__ void d3_warp_lattice(const float* red, const float* blue, 
         hi_x = u0 + v0 + 2 * ng + g;
         lo_y = u0 - v0 - (2 * ng - 1);
         hi_y = u0 - v0 + (2 * ng - 1);
+        const int extra = chroma ? D3_CHROMA_REACH : 0;  // the green estimates' neighbours, reflected into the frame
         for (int s = 0; s < 2; ++s) {
-            const long long x0 = 2 * (jx[s] - (nrb - 1)) + L.site_c[s], x1 = 2 * (jx[s] + nrb) + L.site_c[s];
-            const long long y0 = 2 * (iy[s] - (nrb - 1)) + L.site_r[s], y1 = 2 * (iy[s] + nrb) + L.site_r[s];
+            long long x0 = 2 * (jx[s] - (nrb - 1)) + L.site_c[s] - extra, x1 = 2 * (jx[s] + nrb) + L.site_c[s] + extra;
+            long long y0 = 2 * (iy[s] - (nrb - 1)) + L.site_r[s] - extra, y1 = 2 * (iy[s] + nrb) + L.site_r[s] + extra;
+            x0 = x0 < 0 ? 0 : x0;
+            y0 = y0 < 0 ? 0 : y0;
+            x1 = x1 > frame_w - 1 ? frame_w - 1 : x1;
+            y1 = y1 > frame_h - 1 ? frame_h - 1 : y1;
             lo_x = x0 < lo_x ? x0 : lo_x;
             hi_x = x1 > hi_x ? x1 : hi_x;
             lo_y = y0 < lo_y ? y0 : lo_y;
@@ -344,16 +406,18 @@ extern "C" __global__ void d3_warp_lattice(const float* red, const float* blue, 
         weight[k] = 0.0f;
         return;
     }
+    // G: inner axis v, outer axis u; first tap (U0 - n + 1, V0 - n + 1).
+    const long long first_g = (u0 - (ng - 1) - L.u_lo) * L.n_v + (v0 - (ng - 1) - L.v_lo);
+    const float value_g = d3_lattice_sum<2 * D3_LATTICE_G_LOBES>(
+        green, first_g, L.n_v, table_g + (long long)pv * (2 * ng), table_g + (long long)pu * (2 * ng));
+    out[plane + k] = value_g;
     for (int s = 0; s < 2; ++s) {
         const long long first = (iy[s] - (nrb - 1) - L.iy0[s]) * L.cols[s] + (jx[s] - (nrb - 1) - L.jx0[s]);
-        out[(s == 0 ? 0 : 2) * plane + k] = d3_lattice_sum<2 * D3_LATTICE_RB_LOBES>(
+        const float value = d3_lattice_sum<2 * D3_LATTICE_RB_LOBES>(
             s == 0 ? red : blue, first, L.cols[s], table_rb + (long long)px[s] * (2 * nrb),
             table_rb + (long long)py[s] * (2 * nrb));
+        out[(s == 0 ? 0 : 2) * plane + k] = chroma ? value_g + value : value;
     }
-    // G: inner axis v, outer axis u; first tap (U0 - n + 1, V0 - n + 1).
-    const long long first = (u0 - (ng - 1) - L.u_lo) * L.n_v + (v0 - (ng - 1) - L.v_lo);
-    out[plane + k] = d3_lattice_sum<2 * D3_LATTICE_G_LOBES>(green, first, L.n_v, table_g + (long long)pv * (2 * ng),
-                                                            table_g + (long long)pu * (2 * ng));
     valid[k] = 1;
     if (feather_px > 0.0) {
         const double ex = fmin(xs + 0.5, (frame_w - 0.5) - xs);
@@ -363,4 +427,31 @@ extern "C" __global__ void d3_warp_lattice(const float* red, const float* blue, 
     } else {
         weight[k] = 1.0f;
     }
+}
+
+// Resample the lattice planes of a raw mosaic band (band_h x band_w at (src_row0, src_col0) of a frame_h x
+// frame_w frame with Bayer pattern `pattern`, split by d3_lattice_planes) to RGB on an out_h x out_w reference
+// tile at (out_row0, out_col0). `inverse` is B = A^-1 (6 doubles); table_rb / table_g are the Lanczos tables
+// (D3_LANCZOS_PHASES rows of 2 lobes floats). 2-D grid, one thread per output pixel; out (3, out_h, out_w),
+// valid and weight (out_h, out_w). valid: 0 invalid, 1 valid, 2 valid but a tap lies outside the band (the
+// Python wrapper raises).
+extern "C" __global__ void d3_warp_lattice(const float* red, const float* blue, const float* green, int band_h,
+                                           int band_w, int src_row0, int src_col0, int frame_h, int frame_w,
+                                           int pattern, const double* inverse, const float* table_rb,
+                                           const float* table_g, int out_h, int out_w, int out_row0, int out_col0,
+                                           double feather_px, float* out, unsigned char* valid, float* weight) {
+    d3_lattice_pixel(red, blue, green, band_h, band_w, src_row0, src_col0, frame_h, frame_w, pattern, inverse, table_rb,
+                     table_g, out_h, out_w, out_row0, out_col0, feather_px, out, valid, weight, false);
+}
+
+// d3_warp_lattice on the planes of d3_lattice_chroma_planes (warp.warp_lattice_chroma): R = G' + (R - G)',
+// B = G' + (B - G)', same arguments, valid mask and weight.
+extern "C" __global__ void d3_warp_lattice_chroma(const float* red, const float* blue, const float* green, int band_h,
+                                                  int band_w, int src_row0, int src_col0, int frame_h, int frame_w,
+                                                  int pattern, const double* inverse, const float* table_rb,
+                                                  const float* table_g, int out_h, int out_w, int out_row0,
+                                                  int out_col0, double feather_px, float* out, unsigned char* valid,
+                                                  float* weight) {
+    d3_lattice_pixel(red, blue, green, band_h, band_w, src_row0, src_col0, frame_h, frame_w, pattern, inverse, table_rb,
+                     table_g, out_h, out_w, out_row0, out_col0, feather_px, out, valid, weight, true);
 }

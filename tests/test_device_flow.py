@@ -136,7 +136,7 @@ def test_the_standin_refuses_to_mix_host_and_device():
 
 
 PATHS = {
-    "lattice": {}, "bilinear": {"demosaic": "bilinear"}, "mhc": {"demosaic": "mhc"},
+    "lattice": {}, "chroma": {"demosaic": "chroma"}, "bilinear": {"demosaic": "bilinear"}, "mhc": {"demosaic": "mhc"},
     "superpixel": {"debayer": "superpixel"}, "bayer-first": {"debayer": "bayer-first"}, "cfa": {"debayer": "none"},
     "integer-bicubic": {"align_mode": "integer", "demosaic": "bilinear", "interpolation": "bicubic"},
 }

@@ -44,8 +44,8 @@ from dwarf3gpu.clip import (CENFUNCS, CHUNK_SAMPLES, STDFUNCS, ClipResult, clip_
 from dwarf3gpu.debayer import debayer_bilinear, debayer_mhc, debayer_superpixel
 from dwarf3gpu.errors import BackendUnavailableError
 from dwarf3gpu.tiles import plan_tiles, stack_tiles
-from dwarf3gpu.warp import (LATTICE_MARGIN, lattice_layout, lattice_planes, source_window, warp_affine,
-                            warp_bayer_planes, warp_lattice, window_margin)
+from dwarf3gpu.warp import (LATTICE_MARGIN, lattice_chroma_planes, lattice_layout, lattice_planes, source_window,
+                            warp_affine, warp_bayer_planes, warp_lattice, warp_lattice_chroma, window_margin)
 
 REPO = Path(__file__).resolve().parents[1]
 PATTERNS = ("RGGB", "GRBG", "GBRG", "BGGR")
@@ -351,9 +351,15 @@ def test_warp_bayer_planes_bit_identical(kernel_ops, method, pattern):
         assert_same(g, w)
 
 
+#: The lattice warps: name of the stage operation, its reference.
+LATTICE_WARPS = {"lattice": ("warp_lattice", warp_lattice), "chroma": ("warp_lattice_chroma", warp_lattice_chroma)}
+
+
+@pytest.mark.parametrize("variant", LATTICE_WARPS)
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_warp_lattice_bit_identical(kernel_ops, pattern):
+def test_warp_lattice_bit_identical(kernel_ops, pattern, variant):
     ops = kernel_ops
+    name, warp_lattice = LATTICE_WARPS[variant]
     rng = np.random.default_rng(13)
     mosaic = rng.integers(0, 65536, (77, 93), dtype=np.uint16)
     noisy = rng.normal(1000, 100, (77, 93)).astype(np.float32)
@@ -364,7 +370,7 @@ def test_warp_lattice_bit_identical(kernel_ops, pattern):
     nan_seen = False
     for src in (mosaic, noisy):
         for A, out_shape, out_origin, feather in cases:
-            got = ops.warp_lattice(ops.upload(src), pattern, A, out_shape, out_origin=out_origin, feather_px=feather)
+            got = getattr(ops, name)(ops.upload(src), pattern, A, out_shape, out_origin=out_origin, feather_px=feather)
             want = warp_lattice(src, pattern, A, out_shape, out_origin=out_origin, feather_px=feather)
             for g, w in zip(host(ops, got), want):
                 assert_same(g, w)
@@ -387,11 +393,23 @@ def test_lattice_planes_split_exactly(kernel_ops, pattern):
                           np.int32(origin[0]), np.int32(origin[1]), np.int32(PATTERNS.index(pattern)), *got)
             for g, w in zip(got, lattice_planes(band, origin, pattern)):
                 assert_same(kernel_ops.download(g), w)
+            # the colour-difference split, in a frame the band fills to its bottom-right edge (reflected neighbours)
+            # and in a bigger one (neighbours clamped to the band)
+            for frame in ((origin[0] + shape[0], origin[1] + shape[1]), (origin[0] + shape[0] + 5, origin[1] + 40)):
+                got = [xp.empty((L.rows[s], L.cols[s]), xp.float32) for s in (0, 1)] + [xp.zeros((L.n_u, L.n_v), xp.float32)]
+                kernel = "d3_lattice_chroma_planes_u16" if band.dtype == np.uint16 else "d3_lattice_chroma_planes"
+                target.launch(kernel, grid, block, kernel_ops.upload(band), np.int32(shape[0]), np.int32(shape[1]),
+                              np.int32(origin[0]), np.int32(origin[1]), np.int32(frame[0]), np.int32(frame[1]),
+                              np.int32(PATTERNS.index(pattern)), *got)
+                for g, w in zip(got, lattice_chroma_planes(band, origin, pattern, frame)):
+                    assert_same(kernel_ops.download(g), w)
 
 
+@pytest.mark.parametrize("variant", LATTICE_WARPS)
 @pytest.mark.parametrize("pattern", ["GRBG", "BGGR"])
-def test_warp_lattice_bands_and_edges(kernel_ops, pattern):
+def test_warp_lattice_bands_and_edges(kernel_ops, pattern, variant):
     ops = kernel_ops
+    name, warp_lattice = LATTICE_WARPS[variant]
     mosaic = np.random.default_rng(14).integers(0, 65536, (80, 90), dtype=np.uint16)
     A = rigid(9.0, 3.7, -2.2)
     out_shape, out_origin = (21, 37), (30, 25)
@@ -399,25 +417,25 @@ def test_warp_lattice_bands_and_edges(kernel_ops, pattern):
     r0, c0 = r0 - 1, c0 - 1  # odd band origins
     kw = dict(out_origin=out_origin, src_origin=(r0, c0), src_size=mosaic.shape, feather_px=2.0)
     band = mosaic[r0:r1, c0:c1]
-    got = host(ops, ops.warp_lattice(ops.upload(band), pattern, A, out_shape, **kw))
+    got = host(ops, getattr(ops, name)(ops.upload(band), pattern, A, out_shape, **kw))
     want = warp_lattice(band, pattern, A, out_shape, **kw)
-    whole = host(ops, ops.warp_lattice(ops.upload(mosaic), pattern, A, out_shape, out_origin=out_origin, feather_px=2.0))
+    whole = host(ops, getattr(ops, name)(ops.upload(mosaic), pattern, A, out_shape, out_origin=out_origin, feather_px=2.0))
     for g, w, f in zip(got, want, whole):
         assert_same(g, w)
         assert_same(g, f)
     assert got[1].all()
     with pytest.raises(ValueError, match="lacks taps"):
-        ops.warp_lattice(ops.upload(band[6:]), pattern, A, out_shape, **{**kw, "src_origin": (r0 + 6, c0)})
+        getattr(ops, name)(ops.upload(band[6:]), pattern, A, out_shape, **{**kw, "src_origin": (r0 + 6, c0)})
     for shape in [(1, 1), (1, 6), (6, 1), (21, 21)]:  # sources too small for the kernels: nothing valid
         src = mosaic[: shape[0], : shape[1]]
-        for g, w in zip(host(ops, ops.warp_lattice(ops.upload(src), pattern, rigid(0.0, 0.0, 0.0), (3, 7))),
+        for g, w in zip(host(ops, getattr(ops, name)(ops.upload(src), pattern, rigid(0.0, 0.0, 0.0), (3, 7))),
                         warp_lattice(src, pattern, rigid(0.0, 0.0, 0.0), (3, 7))):
             assert_same(g, w)
     with pytest.raises(ValueError, match="pattern"):
-        ops.warp_lattice(ops.upload(mosaic), None, A, out_shape)
+        getattr(ops, name)(ops.upload(mosaic), None, A, out_shape)
 
 
-@pytest.mark.parametrize("kind", ["affine-rgb", "affine-mono", "bayer-planes", "lattice"])
+@pytest.mark.parametrize("kind", ["affine-rgb", "affine-mono", "bayer-planes", "lattice", "chroma"])
 def test_warps_write_into_out_views(ops, kind):
     """Given ``out=`` views of a tile buffer, a warp writes there exactly what it returns (the same values as
     without ``out``) and nothing else of the buffer."""
@@ -437,9 +455,12 @@ def test_warps_write_into_out_views(ops, kind):
     elif kind == "bayer-planes":
         def warp(out):
             return ops.warp_bayer_planes(ops.upload(mosaic), "GBRG", A, (rows, cols), method="bicubic", out=out, **kw)
-    else:
+    elif kind == "lattice":
         def warp(out):
             return ops.warp_lattice(ops.upload(mosaic), "GRBG", A, (rows, cols), out=out, **kw)
+    else:
+        def warp(out):
+            return ops.warp_lattice_chroma(ops.upload(mosaic), "RGGB", A, (rows, cols), out=out, **kw)
     image_shape = (rows, cols) if kind in ("affine-mono", "bayer-planes") else (3, rows, cols)
     channels = 3 if len(image_shape) == 3 else 1
     # a tile buffer of three frames: frame 1's blocks are the out arrays, frames 0 and 2 must stay as they are
@@ -903,6 +924,7 @@ def test_signature_parsing():
     names = set(kernel_source.load_signatures(REPO / "kernels"))
     assert {"d3_repair_hot", "d3_repair_hot_u16", "d3_debayer_bilinear", "d3_debayer_mhc", "d3_debayer_superpixel",
             "d3_warp_affine", "d3_warp_bayer_planes", "d3_lattice_planes", "d3_lattice_planes_u16", "d3_warp_lattice",
+            "d3_lattice_chroma_planes", "d3_lattice_chroma_planes_u16", "d3_warp_lattice_chroma",
             "d3_sigma_clip"} <= names
     assert not {"d3_decode_bzero16", "d3_luminance_proxy", "d3_segment_moments", "d3_segment_histogram"} & names
 

@@ -740,3 +740,20 @@ def test_rerun_without_previews_removes_the_stale_ones(tmp_path):
     assert "quicklook_png" not in second.outputs
     assert not first.outputs["quicklook_png"].exists() and not first.outputs["quicklook_tif"].exists()
     assert second.outputs["master_linear"].exists()
+
+
+def test_demosaic_chroma_stacks_and_does_not_depend_on_the_tiles(small, small_base, big_budget):
+    """``--demosaic chroma`` stacks the small session; one tile and several tiles give the same master bit for bit;
+    the default (lattice) master is not that one."""
+    sim, _, root = small
+    one = stack_session(sim.session_dir, root / "chroma-one", StackConfig(demosaic="chroma", memory_budget=big_budget),
+                        workers=2, use_cache=False)
+    many = stack_session(sim.session_dir, root / "chroma-many", StackConfig(demosaic="chroma", memory_budget=48 << 20),
+                         workers=2, use_cache=False)
+    assert one.manifest["stack"]["tile_plan"]["n_tiles"] == 1 < many.manifest["stack"]["tile_plan"]["n_tiles"]
+    assert one.kept == small_base.kept
+    for key in ("master_linear", "coverage", "rejected_map"):
+        assert np.array_equal(fits.getdata(one.outputs[key]), fits.getdata(many.outputs[key]), equal_nan=True), key
+    master, base = fits.getdata(one.outputs["master_linear"]), fits.getdata(small_base.outputs["master_linear"])
+    assert master.shape == base.shape and np.isfinite(master).mean() > 0.5
+    assert not np.array_equal(master, base, equal_nan=True)

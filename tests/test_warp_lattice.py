@@ -20,11 +20,13 @@ from dwarf3gpu.warp import (
     LATTICE_LOBES,
     LATTICE_MARGIN,
     lanczos_table,
+    lattice_chroma_planes,
     lattice_layout,
     lattice_planes,
     source_window,
     warp_affine,
     warp_lattice,
+    warp_lattice_chroma,
 )
 
 #: Parametrisation values (collection time; the ``bayer_patterns`` fixture holds the same four layouts).
@@ -295,3 +297,160 @@ def test_undersampled_star_stays_sharp(mosaic_of):
             ratios[k].append(_fwhm(acc[k] / 8, X0, Y0) / ideal)
     lattice, bilinear = np.median(ratios["lattice"]), np.median(ratios["bilinear"])
     assert lattice <= 1.04 and bilinear >= 1.10, (lattice, bilinear)
+
+
+# ------------------------------------------------------------------------------------------ chroma variant
+
+
+def _flat(pattern: str, colour: dict, shape=(60, 70), dtype=np.float32) -> np.ndarray:
+    frame = np.zeros(shape, dtype)
+    for name, sites in bayer_offsets(pattern).items():
+        for r, c in sites:
+            frame[r::2, c::2] = colour[name]
+    return frame
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_chroma_uniform_colours_are_exact(pattern, rigid):
+    """A uniform colour comes out exactly: integer counts, and float channels within a factor 2 of green."""
+    A = rigid(23.7, 1.37, -2.91, centre=(35, 30))
+    for colour in ({"R": 1234.0, "G": 40321.0, "B": 777.0}, {"R": 0.7316, "G": 0.5123, "B": 0.9871},
+                   {"R": 65535.0, "G": 0.0, "B": 3.0}):
+        rgb, valid, _ = warp_lattice_chroma(_flat(pattern, colour), pattern, A, (60, 70), out_origin=(1, 3))
+        assert valid.sum() > 0.3 * valid.size
+        for k, name in enumerate("RGB"):
+            assert np.all(rgb[k][valid] == np.float32(colour[name])), (name, colour)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_chroma_planes_are_colour_differences(pattern):
+    """Red and blue entries are C - G with G the Malvar-He-Cutler estimate; green is the lattice plane; frame edges
+    reflect (so a band that is the whole frame and one cut from a bigger frame agree inside)."""
+    rng = np.random.default_rng(31)
+    frame = rng.integers(0, 65536, (16, 18)).astype(np.float32)
+    red, blue, green = lattice_chroma_planes(frame, (0, 0), pattern, frame.shape)
+    plain = lattice_planes(frame, (0, 0), pattern)
+    assert np.array_equal(green, plain[2])
+    padded = np.pad(frame.astype(np.float64), 2, mode="reflect")
+    offsets = bayer_offsets(pattern)
+    for plane, name in ((red, "R"), (blue, "B")):
+        (r, c), = offsets[name]
+        for i in range(plane.shape[0]):
+            for j in range(plane.shape[1]):
+                y, x = 2 * i + r + 2, 2 * j + c + 2
+                g4 = padded[y - 1, x] + padded[y + 1, x] + padded[y, x - 1] + padded[y, x + 1]
+                lap = 4 * padded[y, x] - (padded[y - 2, x] + padded[y + 2, x] + padded[y, x - 2] + padded[y, x + 2])
+                assert abs(plane[i, j] - (padded[y, x] - (g4 / 4 + lap / 8))) <= 0.02
+    band = lattice_chroma_planes(frame[3:13, 5:16], (3, 5), pattern, frame.shape)
+    L = lattice_layout((10, 11), (3, 5), pattern)
+    for s in (0, 1):  # interior entries (neighbours inside the band) equal the full frame's
+        whole = (red, blue)[s]
+        r_site, c_site = L.sites[s]
+        for i in range(band[s].shape[0]):
+            for j in range(band[s].shape[1]):
+                y, x = 3 + L.row_off[s] + 2 * i, 5 + L.col_off[s] + 2 * j
+                if 5 <= y <= 10 and 7 <= x <= 13:
+                    assert band[s][i, j] == whole[(y - r_site) // 2, (x - c_site) // 2]
+
+
+def test_chroma_keeps_green_valid_and_weight_and_cuts_colour_rings(mosaic_of, rigid):
+    """Green, the valid mask and the weight are the lattice warp's; a white undersampled star (sigma 0.9 px) keeps
+    its colour across the core far better (chromaticity spread of the bright pixels)."""
+    h, w, sigma = 90, 100, 0.9
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    spreads = {"lattice": [], "chroma": []}
+    for k, centre in enumerate([(40.3, 44.7), (51.8, 38.1), (47.5, 46.25)]):
+        image = 200.0 + 2e4 * np.exp(-((x - centre[0]) ** 2 + (y - centre[1]) ** 2) / (2 * sigma**2))
+        mosaic = mosaic_of(np.stack([image] * 3).astype(np.float32), "GRBG")
+        A = rigid(31.0 + 17 * k, 1.3, -0.6, centre=(50, 45))
+        plain = warp_lattice(mosaic, "GRBG", A, (h, w), feather_px=5.0)
+        chroma = warp_lattice_chroma(mosaic, "GRBG", A, (h, w), feather_px=5.0)
+        assert np.array_equal(plain[0][1], chroma[0][1])
+        assert np.array_equal(plain[1], chroma[1]) and np.array_equal(plain[2], chroma[2])
+        for name, (rgb, _, _) in (("lattice", plain), ("chroma", chroma)):
+            s = rgb.astype(np.float64) - 200.0
+            total = s.sum(0)
+            bright = total > 0.2 * total.max()
+            frac = s[:, bright] / total[bright]
+            spreads[name].append(np.sqrt(((frac - 1 / 3) ** 2).sum(0).mean()))
+    assert np.median(spreads["chroma"]) < 0.5 * np.median(spreads["lattice"]), spreads
+
+
+def test_chroma_tiling_and_odd_bands_do_not_change_a_bit(monkeypatch, rigid, tiles):
+    """Bands cut with source_window and LATTICE_MARGIN (odd origins) give the full-frame pixels bit for bit, also
+    on tiles touching the frame edges (where the green estimates reflect); a band too small raises."""
+    rng = np.random.default_rng(16)
+    mosaic = rng.integers(0, 65536, (70, 90)).astype(np.uint16)
+    for A in (rigid(-8.0, 2.21, 1.63, centre=(45, 35)), rigid(0.0, 0.0, 0.0)):
+        full = warp_lattice_chroma(mosaic, "GRBG", A, (66, 96), feather_px=7.0)
+        monkeypatch.setattr(warp_module, "CHUNK_PIXELS", 50)
+        result = [np.zeros_like(a) for a in full]
+        for origin, shape in tiles((66, 96), (23, 29)):
+            row0, row1, col0, col1 = source_window(A, shape, origin, (70, 90), LATTICE_MARGIN)
+            row0, col0 = max(row0 - 1, 0), max(col0 - 1, 0)
+            part = warp_lattice_chroma(mosaic[row0:row1, col0:col1], "GRBG", A, shape, out_origin=origin,
+                                       src_origin=(row0, col0), src_size=(70, 90), feather_px=7.0)
+            box = (slice(origin[0], origin[0] + shape[0]), slice(origin[1], origin[1] + shape[1]))
+            result[0][(slice(None),) + box] = part[0]
+            result[1][box], result[2][box] = part[1], part[2]
+        monkeypatch.undo()
+        for got, expected in zip(result, full):
+            assert np.array_equal(got, expected)
+        assert full[1].sum() > 0.5 * full[1].size
+    # the green kernel reaches further than the red and blue taps' green-estimate neighbours: the smallest band the
+    # lattice warp takes gives the chroma warp's full-frame pixels too, one row less raises
+    A = rigid(0.0, 0.0, 0.0)
+    out_shape, out_origin = (10, 10), (30, 40)
+    plain = warp_lattice(mosaic, "GRBG", A, out_shape, out_origin=out_origin)[1]
+    assert plain.all()
+    lows = []
+    for r0 in range(0, 30):
+        try:
+            warp_lattice(mosaic[r0:], "GRBG", A, out_shape, out_origin=out_origin, src_origin=(r0, 0),
+                         src_size=(70, 90))
+        except ValueError:
+            break
+        lows.append(r0)
+    kw = dict(out_origin=out_origin, src_size=(70, 90))
+    cut = warp_lattice_chroma(mosaic[lows[-1]:], "GRBG", A, out_shape, src_origin=(lows[-1], 0), **kw)
+    for a, b in zip(cut, warp_lattice_chroma(mosaic, "GRBG", A, out_shape, out_origin=out_origin)):
+        assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="lacks the taps"):
+        warp_lattice_chroma(mosaic[lows[-1] + 1:], "GRBG", A, out_shape, src_origin=(lows[-1] + 1, 0), **kw)
+
+
+def test_chroma_source_window_margin_covers_every_tap(rigid):
+    """Fuzz as for the lattice warp: a band cut with LATTICE_MARGIN never lacks a tap or a green neighbour."""
+    rng = np.random.default_rng(19)
+    size = (61, 75)
+    mosaic = rng.integers(0, 65536, size).astype(np.float32)
+    for _ in range(150):
+        A = rigid(rng.uniform(-180, 180), *rng.uniform(-6, 6, 2), centre=(37, 30))
+        A[:, :2] *= rng.uniform(0.97, 1.03)
+        shape = tuple(int(v) for v in rng.integers(1, 30, 2))
+        origin = tuple(int(v) for v in rng.integers(-5, 50, 2))
+        row0, row1, col0, col1 = source_window(A, shape, origin, size, LATTICE_MARGIN)
+        if row1 <= row0 or col1 <= col0:
+            continue
+        part = warp_lattice_chroma(mosaic[row0:row1, col0:col1], "RGGB", A, shape, out_origin=origin,
+                                   src_origin=(row0, col0), src_size=size)
+        whole = warp_lattice_chroma(mosaic, "RGGB", A, shape, out_origin=origin)
+        for a, b in zip(part, whole):
+            assert np.array_equal(a, b)
+
+
+def test_chroma_errors_and_out(rigid):
+    mosaic = np.random.default_rng(3).integers(0, 65536, (50, 60)).astype(np.uint16)
+    A = rigid(5.0, 1.5, 2.5)
+    with pytest.raises(ValueError, match="feather_px"):
+        warp_lattice_chroma(mosaic, "RGGB", A, (10, 10), feather_px=-1.0)
+    with pytest.raises(ValueError, match="2-D"):
+        warp_lattice_chroma(mosaic[None], "RGGB", A, (10, 10))
+    fresh = warp_lattice_chroma(mosaic, "BGGR", A, (40, 50), out_origin=(2, 3), feather_px=2.0)
+    out = (np.full((3, 40, 50), -1.0, np.float32), np.ones((40, 50), bool), np.full((40, 50), -1.0, np.float32))
+    returned = warp_lattice_chroma(mosaic, "BGGR", A, (40, 50), out_origin=(2, 3), feather_px=2.0, out=out)
+    for r, o, f in zip(returned, out, fresh):
+        assert r is o and np.array_equal(o, f)
+    for shape in [(1, 1), (2, 5), (7, 3)]:  # too small for the kernels: nothing valid, no error
+        rgb, valid, weight = warp_lattice_chroma(mosaic[: shape[0], : shape[1]], "GRBG", A, (3, 4))
+        assert not valid.any() and not rgb.any() and not weight.any()

@@ -127,6 +127,10 @@ class StageOps(Protocol):
                      out: Arrays | None = None, **options: Any) -> Arrays:
         """RGB straight from each colour's CFA lattice (no separate demosaic)."""
 
+    def warp_lattice_chroma(self, mosaic: Any, pattern: str, matrix: np.ndarray, out_shape: tuple[int, int], *,
+                            out: Arrays | None = None, **options: Any) -> Arrays:
+        """RGB from the CFA lattices with red and blue resampled as colour differences from green."""
+
     def normalise(self, data: Any, offset: np.ndarray, scale: np.ndarray, pattern: str | None = None,
                   origin: tuple[int, int] = (0, 0)) -> None:
         """``data = data * scale + offset`` in place, per channel of (C, h, w) RGB data, or per CFA colour of a

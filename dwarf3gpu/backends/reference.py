@@ -112,6 +112,11 @@ class ReferenceStageOps:
         """See :func:`dwarf3gpu.warp.warp_lattice` (which writes into ``out`` itself)."""
         return warp.warp_lattice(mosaic, pattern, matrix, out_shape, out=out, **options)
 
+    def warp_lattice_chroma(self, mosaic: np.ndarray, pattern: str, matrix: np.ndarray, out_shape: tuple[int, int], *,
+                            out: Arrays | None = None, **options: Any) -> Arrays:
+        """See :func:`dwarf3gpu.warp.warp_lattice_chroma` (which writes into ``out`` itself)."""
+        return warp.warp_lattice_chroma(mosaic, pattern, matrix, out_shape, out=out, **options)
+
     def clip_into(self, stack: np.ndarray, valid: np.ndarray | None, weights: np.ndarray | None,
                   frame_weights: np.ndarray | None, settings: ClipSettings, mean: np.ndarray, coverage: np.ndarray,
                   rejected: np.ndarray, executor: Executor | None = None) -> None:

@@ -360,6 +360,23 @@ class KernelStageOps:
         ValueError
             As the reference.
         """
+        return self._warp_lattice(mosaic, pattern, A, out_shape, out_origin, src_origin, src_size, feather_px, out,
+                                  False)
+
+    def warp_lattice_chroma(self, mosaic: Any, pattern: str, A: Any, out_shape: tuple[int, int], *,
+                            out_origin: tuple[int, int] = (0, 0), src_origin: tuple[int, int] = (0, 0),
+                            src_size: tuple[int, int] | None = None, feather_px: float = 0.0,
+                            out: tuple[Any, Any, Any] | None = None) -> tuple[Any, Any, Any]:
+        """:meth:`warp_lattice` with red and blue resampled as colour differences from green
+        (``d3_lattice_chroma_planes``, ``d3_warp_lattice_chroma``); see :func:`dwarf3gpu.warp.warp_lattice_chroma`.
+        Same arguments, returns (bit-identical to the reference) and errors."""
+        return self._warp_lattice(mosaic, pattern, A, out_shape, out_origin, src_origin, src_size, feather_px, out,
+                                  True)
+
+    def _warp_lattice(self, mosaic: Any, pattern: str, A: Any, out_shape: tuple[int, int],
+                      out_origin: tuple[int, int], src_origin: tuple[int, int], src_size: tuple[int, int] | None,
+                      feather_px: float, out: tuple[Any, Any, Any] | None, chroma: bool) -> tuple[Any, Any, Any]:
+        """The lattice warp, plain or chroma (the split and warp kernels differ; everything else is shared)."""
         xp = self.xp
         code = pattern_code(pattern)
         if code < 0:
@@ -383,20 +400,22 @@ class KernelStageOps:
             red, blue, green = (part.reshape(shape) for part, shape in zip(parts, shapes))
             if data.size:
                 grid, block = grid_2d(*data.shape)
-                self._launch("d3_lattice_planes_u16" if data.dtype == xp.uint16 else "d3_lattice_planes", grid, block,
-                             data, _i32(data.shape[0], "band rows"),
+                split = ("d3_lattice_chroma_planes" if chroma else "d3_lattice_planes") + (
+                    "_u16" if data.dtype == xp.uint16 else "")
+                frame = (_i32(frame_h, "frame rows"), _i32(frame_w, "frame columns")) if chroma else ()
+                self._launch(split, grid, block, data, _i32(data.shape[0], "band rows"),
                              _i32(data.shape[1], "band columns"), _i32(src_origin[0], "src row"),
-                             _i32(src_origin[1], "src column"), np.int32(code), red, blue, green)
+                             _i32(src_origin[1], "src column"), *frame, np.int32(code), red, blue, green)
             grid, block = grid_2d(rows, cols)
             table_rb, table_g = self._lanczos_tables()
             inverse = xp.asarray(invert_transform(A).ravel())
-            self._launch("d3_warp_lattice", grid, block, red, blue, green, _i32(data.shape[0], "band rows"),
+            self._launch("d3_warp_lattice_chroma" if chroma else "d3_warp_lattice", grid, block, red, blue, green, _i32(data.shape[0], "band rows"),
                          _i32(data.shape[1], "band columns"), _i32(src_origin[0], "src row"),
                          _i32(src_origin[1], "src column"), _i32(frame_h, "frame rows"), _i32(frame_w, "frame columns"),
                          np.int32(code), inverse, table_rb, table_g, _i32(rows, "rows"), _i32(cols, "columns"),
                          _i32(out_origin[0], "out row"), _i32(out_origin[1], "out column"), np.float64(feather_px),
                          out, valid, weight)
-        checked = self._finish_warp(valid, "warp_lattice")
+        checked = self._finish_warp(valid, "warp_lattice_chroma" if chroma else "warp_lattice")
         return tuple(given) if given is not None else (out, checked, weight)
 
     # ------------------------------------------------------------------------------------------ stacking
