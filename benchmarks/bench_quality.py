@@ -18,7 +18,7 @@ star pairs"), so it stacks nothing.
 ``--KEY VALUE`` flags of one ``--settings`` entry) on the session folder, timed by ``/usr/bin/time -f "%e %M"``:
 wall seconds and the peak resident set of the largest process of the tree (GNU time's ``%M``, ``ru_maxrss`` of the
 waited-for children; the stacker's worker processes are smaller than the main one). Siril:
-``/work/shared/tools/siril-stack.sh LIGHTS OUT`` on a folder of symlinks to the lights that
+``../shared/tools/siril-stack.sh LIGHTS OUT`` (next to the repository) on a folder of symlinks to the lights that
 ``dwarf3gpu.session.discover`` lists, in observation order (so Siril registers to the first light): RCD debayer,
 global star registration to the first frame, 3/3 sigma clip, additive + scale normalisation, output rescaled to
 [0, 1]; its ``time.txt`` holds the same two numbers from the same ``time`` command. Frames used: dwarf3's kept
