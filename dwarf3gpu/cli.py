@@ -332,6 +332,23 @@ def _print_session(result, *, lights_table: bool = True) -> None:
         console.print(f"[yellow]warning:[/] {escape(w)}")
 
 
+def announce_cpu_build(backend: str) -> None:
+    """One line before the first use of the CPU build: it is being compiled (once per machine and version), or,
+    without a C++ compiler, that stacking falls back to NumPy and how to fix it."""
+    if backend == "cuda":
+        return
+    from .backends import cuda_unavailable_reason
+    from .backends.cpu_build import find_compiler, is_built
+
+    if backend == "auto" and not cuda_unavailable_reason():
+        return
+    if find_compiler() is None:
+        err_console.print("[yellow]warning:[/] no C++ compiler, so the CPU kernels cannot be built: stacking runs on "
+                          "NumPy, about 5x slower. Install g++ (e.g. apt install g++) or set CXX.")
+    elif not is_built():
+        err_console.print("Building the CPU kernels (once per machine and version, about 10-20 s) ...")
+
+
 def main() -> None:
     """Console-script entry point (``dwarf3``)."""
     app()
@@ -446,6 +463,8 @@ def stack(
         include_failed=include_failed, quicklook=not no_quicklook, stretch=stretch, scnr=scnr,
         color_matrix=color_matrix, backend=backend, device=device, dark=dark,
     )
+    if not dry_run and not quiet:
+        announce_cpu_build(config.backend)
     names = None
     if frame_list is not None:
         try:
@@ -518,6 +537,7 @@ def demo(
     for sub in ("rawData", "truth", "processedData"):
         if (folder / sub).exists():
             shutil.rmtree(folder / sub)
+    announce_cpu_build("auto")
     with progress_bar() as bar:
         task = bar.add_task("simulating", total=None)
         sim = simulate_session(

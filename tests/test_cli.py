@@ -76,3 +76,24 @@ def test_demo_simulates_and_stacks(tmp_path):
     out = masters[0].parent.parent
     assert (out / "master_quicklook.png").is_file() and (out / "report.md").is_file()
     assert "master_linear" in result.output
+
+
+@pytest.mark.parametrize("compiler, built, expected", [
+    (None, False, "no C++ compiler"),
+    ("/usr/bin/g++", False, "Building the CPU kernels"),
+    ("/usr/bin/g++", True, None),
+])
+def test_the_cpu_build_is_announced_once(tmp_path, monkeypatch, compiler, built, expected):
+    """Before stacking on the CPU: one line while the kernels are first compiled, a warning with the fix when they
+    cannot be, nothing once they are built."""
+    from dwarf3gpu.backends import cpu_build
+
+    monkeypatch.setattr(cpu_build, "find_compiler", lambda: compiler)
+    monkeypatch.setattr(cpu_build, "is_built", lambda *a, **k: built)
+    result = runner.invoke(app, ["stack", str(tmp_path / "no-such-session"), "--backend", "cpu", "--out",
+                                 str(tmp_path / "out")], terminal_width=200)
+    assert result.exit_code != 0  # the session does not exist: the line comes before any work
+    if expected is None:
+        assert "no C++ compiler" not in result.output and "Building the CPU kernels" not in result.output
+    else:
+        assert expected in result.output

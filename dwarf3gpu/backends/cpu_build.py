@@ -38,6 +38,7 @@ __all__ = [
     "find_compiler",
     "generate_launchers",
     "build",
+    "is_built",
     "load",
     "unavailable_reason",
 ]
@@ -112,6 +113,24 @@ def generate_launchers(signatures: dict[str, kernel_source.Signature], files: Se
     return "\n".join(lines) + "\n"
 
 
+def _build_plan(directory: Path, root: Path | None) -> tuple[str, str, Path]:
+    """The compiler, the generated translation unit and the library path of the CPU build of ``directory``."""
+    compiler = find_compiler()
+    if compiler is None:
+        raise BackendUnavailableError("no C++ compiler found (set CXX or install g++) to build the CPU kernels")
+    source = generate_launchers(kernel_source.load_signatures(directory), kernel_source.kernel_files(directory))
+    key = kernel_source.sources_hash(directory, extra="\0".join([_compiler_version(compiler), *CXX_FLAGS, source]))
+    return compiler, source, Path(root or cache_root()) / key[:24] / _LIBRARY
+
+
+def is_built(directory: Path | None = None, root: Path | None = None) -> bool:
+    """True when the CPU build of the current sources is in the cache (False too without a compiler)."""
+    try:
+        return _build_plan(Path(directory or kernel_source.kernel_dir()).resolve(), root)[2].is_file()
+    except BackendUnavailableError:
+        return False
+
+
 def build(directory: Path | None = None, root: Path | None = None) -> Path:
     """Compile the CPU target (if not cached yet) and return the shared library's path.
 
@@ -134,16 +153,10 @@ def build(directory: Path | None = None, root: Path | None = None) -> Path:
         No C++ compiler, or the compilation failed (the compiler's messages are in the error).
     """
     directory = Path(directory or kernel_source.kernel_dir()).resolve()
-    compiler = find_compiler()
-    if compiler is None:
-        raise BackendUnavailableError("no C++ compiler found (set CXX or install g++) to build the CPU kernels")
-    files = kernel_source.kernel_files(directory)
-    source = generate_launchers(kernel_source.load_signatures(directory), files)
-    key = kernel_source.sources_hash(directory, extra="\0".join([_compiler_version(compiler), *CXX_FLAGS, source]))
-    target = Path(root or cache_root()) / key[:24]
-    library = target / _LIBRARY
+    compiler, source, library = _build_plan(directory, root)
     if library.is_file():
         return library
+    target = library.parent
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target, prefix=".build-") as tmp:
         cpp, so = Path(tmp) / _SOURCE, Path(tmp) / _LIBRARY
