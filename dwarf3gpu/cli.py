@@ -602,7 +602,7 @@ def cache(
     for path in sorted(folder.iterdir()):
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
         frames = "-"
-        if path.suffix == ".json":
+        if path.name in ("scores.json", "transforms.json"):  # the per-frame caches
             try:
                 frames = str(len(json.loads(path.read_text()).get("frames", {})))
             except (ValueError, AttributeError):
