@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import __version__
+from .atomic import check_writable, output_errors
 from .cache import FrameCache, cache_path, file_identity
 from .errors import ConfigError, FitsReadError, SessionError
 from .fitsio import read_raw_window
@@ -278,6 +279,8 @@ def analyze_session(
         raise SessionError(f"no light frames in {session.path}; run 'dwarf3 frames' to see why")
     workers = max(1, workers or default_workers())
     timings: dict[str, float] = {}
+    if use_cache:  # a cache that cannot be saved fails now, not after the measuring
+        check_writable(out_dir)
 
     t0 = time.perf_counter()
     scores_cache = FrameCache(cache_path(out_dir, "scores.json"), config.detection_settings(), enabled=use_cache, refresh=refresh_cache)
@@ -285,7 +288,8 @@ def analyze_session(
         scores_cache, lights, _measure_task, [(str(f.path), f.bayer_pattern, config.detection_settings()) for f in lights],
         workers, "measuring", progress,
     )
-    scores_cache.save()
+    with output_errors(out_dir):
+        scores_cache.save()
     timings["measure"] = time.perf_counter() - t0
 
     metrics = [FrameMetrics.from_json(m["metrics"]) if "metrics" in m else None for m in measured]
@@ -316,7 +320,8 @@ def analyze_session(
         for i, (f, m) in enumerate(zip(lights, measured))
     ]
     registered = _run_cached(transforms_cache, lights, _register_task, tasks, workers, "matching", progress)
-    transforms_cache.save()
+    with output_errors(out_dir):
+        transforms_cache.save()
     timings["register"] = time.perf_counter() - t0
 
     registrations: list[Registration | None] = []

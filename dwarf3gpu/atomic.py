@@ -7,13 +7,16 @@ Every output is written to a temporary file in the destination folder and moved 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic"]
+from .errors import OutputError
+
+__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "check_writable", "output_errors", "output_error"]
 
 
 def _file_mode() -> int:
@@ -65,3 +68,42 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically and return the path."""
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def output_error(exc: OSError, fallback: str | os.PathLike, *, setting: str | None = "output_root") -> OutputError:
+    """The :class:`~dwarf3gpu.errors.OutputError` for an OSError met while writing: the path, the cause, the fix."""
+    path = exc.filename or fallback
+    code = exc.errno
+    cause = exc.strerror or str(exc)
+    if code == errno.ENOSPC or code == getattr(errno, "EDQUOT", None):
+        fix = "the disk is full; free some space (e.g. remove old outputs or caches) or write to another disk"
+    elif code in (errno.EACCES, errno.EPERM):
+        fix = f"no permission to write there ({cause}); choose a folder you can write to"
+    elif code == errno.EROFS:
+        fix = "the disk is read-only; choose a folder on a writable disk"
+    elif code in (errno.ENOTDIR, errno.EEXIST):
+        fix = f"a file is in the way of a folder ({cause}); move that file or choose another folder"
+    else:
+        fix = f"{cause}; check the disk, or choose another folder"
+    return OutputError(path, fix, setting=setting)
+
+
+@contextlib.contextmanager
+def output_errors(where: str | os.PathLike, *, setting: str | None = "output_root") -> Iterator[None]:
+    """Turn an OSError raised in the block (writing outputs under ``where``) into an :class:`OutputError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise output_error(exc, where, setting=setting) from exc
+
+
+def check_writable(folder: str | os.PathLike, *, setting: str | None = "output_root") -> Path:
+    """Create ``folder`` (and its parents) and write and remove a probe file in it, so that a run that could not
+    save its results fails at once, before any work, with an :class:`OutputError` saying why."""
+    path = Path(folder)
+    with output_errors(path, setting=setting):
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".part", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    return path

@@ -16,17 +16,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .atomic import write_json_atomic
+from .errors import Dwarf3Error, Dwarf3Warning
 from .fitsio import read_fits, write_fits
 from .products import Stacked, squeeze_plane
 
 __all__ = ["FrameCache", "settings_hash", "file_identity", "CACHE_ENTRIES", "cache_dir", "cache_path",
-           "stack_cache_dir", "save_stacked", "load_stacked", "STACK_KEYS"]
+           "stack_cache_dir", "save_stacked", "load_stacked", "load_stacked_or_discard", "discard_damaged", "STACK_KEYS"]
 
 CACHE_FORMAT = 1
 
@@ -97,20 +100,25 @@ class FrameCache:
 
     def _load(self) -> dict[str, dict[str, Any]]:
         """Read the stored entries; an absent, damaged or other-settings file gives none."""
+        if not self.path.is_file():
+            return {}
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            discard_damaged(self.path, f"{exc.__class__.__name__}: {exc}", remove=False)
             return {}
-        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or data.get("settings_hash") != self.key:
+        if not isinstance(data, dict) or not isinstance(data.get("frames", {}), dict):
+            discard_damaged(self.path, "not a cache file of this program", remove=False)
             return {}
-        frames = data.get("frames")
-        return frames if isinstance(frames, dict) else {}
+        if data.get("format") != CACHE_FORMAT or data.get("settings_hash") != self.key:
+            return {}  # another version or other settings: recomputed, as expected
+        return data.get("frames") or {}
 
     def get(self, frame: str | os.PathLike) -> dict[str, Any] | None:
         """The cached value of ``frame``, or None when absent or stale."""
         path = Path(frame)
         entry = self._entries.get(path.name) if self.enabled else None
-        if entry is not None and entry.get("identity") == file_identity(path):
+        if isinstance(entry, dict) and isinstance(entry.get("value"), dict) and entry.get("identity") == file_identity(path):
             self.hits += 1
             return entry["value"]
         self.misses += 1
@@ -148,6 +156,29 @@ def save_stacked(folder: Path, stacked: Stacked) -> None:
         write_fits(stacked.single[1].astype(np.float32), folder / "single_valid.fits")
     meta = {k: getattr(stacked, k) for k in ("is_cfa", "tile_plan", "crop", "matrices", "backgrounds")}
     write_json_atomic(folder / "meta.json", meta)
+
+
+def discard_damaged(path: Path, problem: str, *, remove: bool = True) -> None:
+    """Warn (:class:`~dwarf3gpu.errors.Dwarf3Warning`) that a cache entry is damaged and will be recomputed;
+    ``remove`` deletes it (a file or a folder) now."""
+    warnings.warn(f"damaged cache entry {path} ({problem}): discarded and recomputed", Dwarf3Warning, stacklevel=3)
+    if remove:
+        if Path(path).is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            Path(path).unlink(missing_ok=True)
+
+
+def load_stacked_or_discard(folder: Path) -> Stacked | None:
+    """:func:`load_stacked`, or None (with a warning, the entry removed) when the entry is damaged."""
+    try:
+        stacked = load_stacked(folder)
+        if stacked.mean.shape[-2:] != stacked.coverage.shape or stacked.rejected.shape[-2:] != stacked.coverage.shape:
+            raise ValueError("its images differ in size")
+        return stacked
+    except (Dwarf3Error, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        discard_damaged(folder, str(exc))
+        return None
 
 
 def load_stacked(folder: Path) -> Stacked:

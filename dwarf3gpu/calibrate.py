@@ -29,7 +29,7 @@ from scipy.ndimage import median_filter
 
 from . import __version__
 from .atomic import write_json_atomic
-from .cache import cache_path, file_identity, settings_hash
+from .cache import cache_path, discard_damaged, file_identity, settings_hash
 from .errors import ConfigError, FitsReadError
 from .fitsio import read_fits, read_layout, read_raw_window, write_fits
 from .robust import MAD_TO_SIGMA, difference_noise, uint16_median
@@ -152,8 +152,8 @@ def build_master_dark(
             master = read_fits(folder / "master_dark.fits").data
             if master.shape == shape:
                 return master.astype(np.float32, copy=False), key
-        except (FitsReadError, OSError):
-            pass  # a damaged cache entry is rebuilt
+        except (FitsReadError, OSError) as exc:
+            discard_damaged(folder, str(exc))  # a damaged cache entry is rebuilt
     try:
         if kind == "raw_dark_set":
             frames = np.stack([_checked(read_raw_window(p), p, shape) for p in files])

@@ -6,10 +6,12 @@ one-paragraph message and an exit code: 0 ok, 1 processing failure, 2 usage erro
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -47,8 +49,12 @@ FLAGS = {
     "keep": "--keep", "score": "--score", "reference": "--reference", "align_mode": "--align-mode",
     "dark": "--dark", "device": "--device", "maxiters": "--maxiters", "feather_px": "--feather", "scnr": "--scnr",
     "memory_budget": "--memory-budget", "normalisation": "--normalisation", "frame_list": "--frame-list",
-    "load_transforms": "--load-transforms", "backend": "--backend", "output_root": "--out",
+    "load_transforms": "--load-transforms", "backend": "--backend", "output_root": "--out", "workers": "--workers",
+    "save_transforms": "--save-transforms", "save": "--save",
 }
+
+#: Exit status after Ctrl-C (SIGINT), the shells' 128 + 2.
+EXIT_INTERRUPTED = 130
 
 
 def error_text(exc: Dwarf3Error) -> str:
@@ -68,14 +74,59 @@ def command(*args, **kwargs):
         @functools.wraps(func)
         def run(*a, **kw):
             try:
-                return func(*a, **kw)
+                with _warnings_as_lines():
+                    return func(*a, **kw)
             except Dwarf3Error as exc:
                 err_console.print(f"[bold red]error:[/] {escape(error_text(exc))}")
                 raise typer.Exit(exc.exit_code) from None
+            except KeyboardInterrupt:
+                err_console.print(
+                    "[bold red]interrupted[/] (Ctrl-C): stopped; every file already written is complete (no half-written "
+                    "outputs) and the finished measurements are cached, so running the same command again resumes."
+                )
+                raise typer.Exit(EXIT_INTERRUPTED) from None
 
         return app.command(*args, **kwargs)(run)
 
     return register
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Print each :class:`~dwarf3gpu.errors.Dwarf3Warning` raised in the block as one ``warning:`` line on stderr."""
+    from .errors import Dwarf3Warning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", Dwarf3Warning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, Dwarf3Warning):
+                err_console.print(f"[yellow]warning:[/] {escape(str(message))}")
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+def _no_type_for_flags() -> None:
+    """Show no ``<bool>`` beside on/off flags in the help (it invites ``--crop true``, which then reads ``true``
+    as a session folder): a flag takes no value."""
+    from typer.core import TyperOption
+
+    show = TyperOption.display_type_rich
+    if getattr(show, "_dwarf3_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag and self.metavar is None else show(self, ctx)
+
+    display_type_rich._dwarf3_flags = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_no_type_for_flags()
 
 
 def _version_callback(value: bool) -> None:
@@ -117,6 +168,22 @@ def _parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _check_simulated_frames(frames: int) -> None:
+    """Usage error for a ``--frames`` below what the simulated session's bad frames need, saying why."""
+    import dataclasses
+
+    from .simulate import SimulationConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SimulationConfig)}
+    cloudy, trailed, seeing = defaults["n_cloudy"], defaults["n_trailed"], defaults["n_bad_seeing"]
+    minimum = cloudy + trailed + seeing + 1
+    if frames < minimum:
+        raise ConfigError(
+            f"--frames must be at least {minimum}, got {frames}: the simulated session holds {cloudy} cloudy, "
+            f"{trailed} trailed and {seeing} badly seen light(s) besides a clean first light (the reference)"
+        )
+
+
 @command(
     epilog=(
         "Examples:\n\n"
@@ -142,6 +209,7 @@ def simulate(
     from .simulate import SimulationConfig, simulate_session
 
     width, height = _parse_size(size)
+    _check_simulated_frames(frames)
     config = SimulationConfig(
         n_frames=frames, width=width, height=height, mode=mode, rotation_rate_deg_per_hour=rotation_rate,
         exposure_s=exposure, gain=gain, target=target, with_darks=darks, clutter=clutter, seed=seed,
@@ -180,7 +248,7 @@ def frames(
     max_eccentricity: Annotated[Optional[float], typer.Option(help="Reject frames whose stars are more elongated (0 = round, 1 = line).")] = None,
     min_transparency: Annotated[Optional[float], typer.Option(help="Reject frames whose star flux relative to the reference is below this (clouds).")] = None,
     max_background: Annotated[Optional[float], typer.Option(help="Reject frames whose sky is brighter than this many times the session median.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: all cores); results do not depend on it.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Worker processes (default: all cores); results do not depend on it.")] = None,
     out: Annotated[Path, typer.Option(help="Output root; caches go to OUT/<session>/cache/.")] = Path("processedData"),
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.")] = False,
     cache_refresh: Annotated[bool, typer.Option("--cache-refresh", help="Recompute everything and overwrite the cache.")] = False,
@@ -230,7 +298,10 @@ def frames(
     if save is not None:
         from .atomic import write_text_atomic
 
-        write_text_atomic(save, "".join(r.frame.name + "\n" for r in analysis.kept))
+        from .atomic import output_errors
+
+        with output_errors(save, setting="save"):
+            write_text_atomic(save, "".join(r.frame.name + "\n" for r in analysis.kept))
     if as_json:
         sys.stdout.write(json.dumps({"session": result.to_json(), "analysis": analysis.to_json()}, indent=2) + "\n")
     else:
@@ -246,7 +317,7 @@ def _print_analysis(analysis) -> None:
     columns = ("#", "file", "stars", "FWHM", "ecc", "bkg", "noise", "sat%", "transp", "rot deg", "rms px", "score", "decision")
     for col in columns:
         if col == "file":
-            table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=36)
+            table.add_column(col, overflow="fold")  # never cut: names differ only at the end
         else:
             table.add_column(col, justify="left" if col == "decision" else "right")
     for i, r in enumerate(analysis.records):
@@ -394,7 +465,7 @@ def _stage_progress(bar: Progress):
         "Outputs: OUT/<session>/stacked/master_linear.fits (float32, linear), coverage.fits, rejected.fits, "
         "master_quicklook.png/.tif, run_manifest.json, report.json, report.md. Exit code 0 when every "
         "session produced a master (or --dry-run succeeded), 1 otherwise, 2 for usage errors, 3 when "
-        "--backend cuda cannot run."
+        "--backend cuda cannot run, 130 when interrupted (Ctrl-C)."
     )
 )
 def stack(
@@ -416,7 +487,7 @@ def stack(
     normalisation: Annotated[str, typer.Option(help="Frame normalisation before rejection: 'additive', 'multiplicative' or 'none'.")] = "additive",
     weights: Annotated[str, typer.Option(help="Frame weights: 'none' or 'noise' (inverse variance).")] = "none",
     feather: Annotated[float, typer.Option(help="Feather frame edges over this many pixels (0: off).")] = 0.0,
-    crop: Annotated[bool, typer.Option("--crop", help="Crop the master to the area every kept frame covers.")] = False,
+    crop: Annotated[bool, typer.Option("--crop/--no-crop", help="Crop the master to the area every kept frame covers.")] = False,
     memory_budget: Annotated[Optional[str], typer.Option(help="Memory for the stacking tiles, e.g. 4G or 800M (default: half the available RAM, at most 1G; more memory only means fewer, larger tiles).")] = None,
     max_fwhm: Annotated[Optional[float], typer.Option(help="Reject frames whose median FWHM (px) is above this.")] = None,
     min_stars: Annotated[int, typer.Option(help="Reject frames with fewer detected stars.")] = 8,
@@ -424,12 +495,12 @@ def stack(
     min_transparency: Annotated[Optional[float], typer.Option(help="Reject frames whose star flux relative to the reference is below this.")] = None,
     max_background: Annotated[Optional[float], typer.Option(help="Reject frames whose sky exceeds this multiple of the median.")] = None,
     include_failed: Annotated[bool, typer.Option("--include-failed", help="Also use the device's failed_ frames.")] = False,
-    workers: Annotated[Optional[int], typer.Option(help="Parallel workers (default: all cores); the result does not depend on it.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Parallel workers (default: all cores); the result does not depend on it.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Measure, select, register and write the report; no stacking.")] = False,
     no_quicklook: Annotated[bool, typer.Option("--no-quicklook", help="Do not write the PNG/TIFF previews.")] = False,
     stretch: Annotated[str, typer.Option(help="Preview stretch: 'two_stage' or 'asinh'.")] = "two_stage",
     scnr: Annotated[float, typer.Option(help="Preview SCNR green removal, 0..1 (0: off).")] = 0.0,
-    color_matrix: Annotated[str, typer.Option(help="Preview colour-matrix preset.")] = "identity",
+    color_matrix: Annotated[str, typer.Option(help="Preview colour-matrix preset: 'identity' (the calibrated colours as they are), 'dwarf3' or 'seestar' (a mild saturation boost that keeps greys grey).")] = "identity",
     use_gpu: Annotated[bool, typer.Option("--use-gpu", help="Use the NVIDIA GPU (falls back to the CPU with a reason when it cannot).")] = False,
     backend: Annotated[str, typer.Option(help="Compute backend: 'auto', 'cpu' or 'cuda'.")] = "auto",
     device: Annotated[int, typer.Option(help="CUDA device number (with --backend cuda/auto or --use-gpu).")] = 0,
@@ -524,7 +595,7 @@ def demo(
     folder: Annotated[Path, typer.Argument(help="Where to put the simulated session and the results.")] = Path("dwarf3-demo"),
     frames_count: Annotated[int, typer.Option("--frames", "-n", help="Light frames to simulate.")] = 16,
     size: Annotated[str, typer.Option(help="Frame size WIDTHxHEIGHT (the DWARF 3 tele camera's; smaller is faster).")] = "3856x2180",
-    workers: Annotated[Optional[int], typer.Option(help="Parallel workers (default: all cores).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Parallel workers (default: all cores).")] = None,
 ) -> None:
     """Simulate a DWARF 3 alt-az session (with clouds, trails, hot pixels) and stack it: the whole job in about a minute."""
     import shutil
@@ -534,6 +605,7 @@ def demo(
     from .simulate import SimulationConfig, simulate_session
 
     width, height = _parse_size(size)
+    _check_simulated_frames(frames_count)
     for sub in ("rawData", "truth", "processedData"):
         if (folder / sub).exists():
             shutil.rmtree(folder / sub)

@@ -7,7 +7,8 @@ Library code raises these, each with a message that names the problem and the fi
 
 from __future__ import annotations
 
-__all__ = ["Dwarf3Error", "FitsReadError", "SessionError", "ConfigError", "BackendUnavailableError"]
+__all__ = ["Dwarf3Error", "FitsReadError", "SessionError", "ConfigError", "OutputError", "BackendUnavailableError",
+           "Dwarf3Warning"]
 
 
 class Dwarf3Error(Exception):
@@ -66,7 +67,31 @@ class ConfigError(Dwarf3Error):
     exit_code = 2
 
 
+class OutputError(Dwarf3Error):
+    """An output (or cache) file cannot be written: a file in the way, no permission, a read-only or full disk.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file or folder that could not be written.
+    problem : str
+        The cause and the fix, in plain words.
+    setting : str, optional
+        The setting that chose the place (``"output_root"`` for the output root).
+    """
+
+    def __init__(self, path, problem: str, *, setting: str | None = None):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"cannot write {self.path}: {problem}", setting=setting)
+
+
 class BackendUnavailableError(Dwarf3Error):
     """The requested compute backend (e.g. ``cuda``) cannot run on this machine."""
 
     exit_code = 3
+
+
+class Dwarf3Warning(UserWarning):
+    """A problem the run recovered from (e.g. a damaged cache entry, discarded and recomputed); the CLI prints it
+    as one ``warning:`` line."""

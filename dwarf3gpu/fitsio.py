@@ -143,6 +143,7 @@ def read_layout(path: str | os.PathLike) -> FitsLayout:
             header = fits.Header.fromstring(text)
     except Exception as exc:  # astropy raises several types for malformed cards
         raise FitsReadError(p, f"the header cannot be parsed ({exc})") from exc
+    _check_cards(p, header)
     try:
         bitpix = int(header["BITPIX"])
         naxis = int(header["NAXIS"])
@@ -162,6 +163,23 @@ def read_layout(path: str | os.PathLike) -> FitsLayout:
             f"{'x'.join(map(str, reversed(shape)))} image (an interrupted copy? copy it again)",
         )
     return layout
+
+
+def _check_cards(path: Path, header: fits.Header) -> None:
+    """Parse every card's value now (astropy parses them lazily, on first use) so that one unparsable card
+    makes the whole file unreadable, with the card named, instead of failing later wherever it is read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for card in header.cards:
+            try:
+                card.value  # noqa: B018 - parses the card
+            except Exception:  # astropy's VerifyError and friends
+                image = (getattr(card, "_image", None) or card.image).rstrip()  # as stored, not as re-formatted
+                raise FitsReadError(
+                    path,
+                    f"header card {card.keyword or '(blank)'} cannot be parsed ({image!r}); the file is damaged or "
+                    "was written by another program: copy it again from the device, or fix the card",
+                ) from None
 
 
 def _has_end_card(block: bytes) -> bool:

@@ -21,9 +21,9 @@ import numpy as np
 
 from . import __version__
 from .analysis import SessionAnalysis, analyze_session, output_dir_for
-from .atomic import write_json_atomic
+from .atomic import check_writable, output_errors, write_json_atomic
 from .backends import ReferenceStageOps, StageOps, get_backend
-from .cache import STACK_KEYS, cache_path, file_identity, load_stacked, save_stacked, settings_hash, stack_cache_dir
+from .cache import STACK_KEYS, cache_path, file_identity, load_stacked_or_discard, save_stacked, settings_hash, stack_cache_dir
 from .calibrate import DarkCalibration, prepare_calibration, record_json
 from .clip import clip_settings
 from .config import StackConfig
@@ -127,52 +127,72 @@ def stack_session(
     not_listed = _apply_frame_list(found, frame_list)
     if not found.lights:
         raise SessionError(f"no light frames to stack in {found.path}; run 'dwarf3 frames' to see why")
-    given = load_transforms_file(load_transforms) if load_transforms else None
-    analysis = analyze_session(
-        found, config.analysis(), out_dir=out_dir, workers=workers, use_cache=use_cache,
-        refresh_cache=refresh_cache, progress=progress, given_transforms=given,
-    )
-    timings = dict(analysis.timings)
-    if save_transforms:
-        save_transforms_file(analysis, save_transforms)
-    kept = analysis.kept
-    if not kept:
-        raise SessionError("every frame was rejected; see the table (keep a larger fraction or loosen the hard limits)")
+    if config.memory_budget and not dry_run:
+        _check_budget(found, config, workers)
+    check_writable(out_dir)  # before any work: a run that could not save its results stops at once
+    with output_errors(out_dir):  # every write below: one message naming the path, the cause and the fix
+        given = load_transforms_file(load_transforms) if load_transforms else None
+        analysis = analyze_session(
+            found, config.analysis(), out_dir=out_dir, workers=workers, use_cache=use_cache,
+            refresh_cache=refresh_cache, progress=progress, given_transforms=given,
+        )
+        timings = dict(analysis.timings)
+        if save_transforms:
+            with output_errors(save_transforms, setting="save_transforms"):
+                save_transforms_file(analysis, save_transforms)
+        kept = analysis.kept
+        if not kept:
+            raise SessionError("every frame was rejected; see the table (keep a larger fraction or loosen the hard limits)")
 
-    outputs: dict[str, Path] = {}
-    stacked = None
-    calibration_record: dict[str, Any] = {"setting": config.dark, "used": False, "reason": "not evaluated (dry run)"}
-    if not dry_run:
-        t0 = time.perf_counter()
-        calibration, calibration_record = prepare_calibration(
-            found, config.dark, analysis.reference.frame.path, out_dir, use_cache=use_cache, refresh=refresh_cache,
-            lights=[r.frame.path for r in kept])
-        calibration_record = record_json(calibration_record)
-        timings["calibrate"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        stacked = _stack(analysis, config, ops, out_dir, workers, use_cache, refresh_cache, progress,
-                         calibration)
-        timings["stack"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        outputs.update(write_outputs(stacked, analysis, config, out_dir))
-        if stacked.colour_calibration is not None:
-            write_json_atomic(cache_path(out_dir, "colour_calibration.json"), stacked.colour_calibration.to_json())
-        timings["finish"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
+        outputs: dict[str, Path] = {}
+        stacked = None
+        calibration_record: dict[str, Any] = {"setting": config.dark, "used": False, "reason": "not evaluated (dry run)"}
+        if not dry_run:
+            t0 = time.perf_counter()
+            calibration, calibration_record = prepare_calibration(
+                found, config.dark, analysis.reference.frame.path, out_dir, use_cache=use_cache, refresh=refresh_cache,
+                lights=[r.frame.path for r in kept])
+            calibration_record = record_json(calibration_record)
+            timings["calibrate"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            stacked = _stack(analysis, config, ops, out_dir, workers, use_cache, refresh_cache, progress,
+                             calibration)
+            timings["stack"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            outputs.update(write_outputs(stacked, analysis, config, out_dir))
+            if use_cache and stacked.colour_calibration is not None:  # a cache: not with use_cache False
+                write_json_atomic(cache_path(out_dir, "colour_calibration.json"), stacked.colour_calibration.to_json())
+            timings["finish"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
 
-    rejected = [
-        {"name": r.frame.name, "reason": r.decision.reason, "detail": r.decision.detail} for r in analysis.rejected
-    ] + not_listed
-    remove_stale_outputs(out_dir, outputs, dry_run)
-    stats = run_stats(analysis, stacked, timings)
-    stats["calibration"] = calibration_summary(calibration_record)
-    manifest = run_manifest(found, analysis, config, ops, stacked, stats, outputs, not_listed, workers, dry_run)
-    manifest["calibration"] = calibration_record
-    outputs["manifest"] = write_json_atomic(out_dir / "run_manifest.json", manifest)
-    from .report import write_reports
+        rejected = [
+            {"name": r.frame.name, "reason": r.decision.reason, "detail": r.decision.detail} for r in analysis.rejected
+        ] + not_listed
+        remove_stale_outputs(out_dir, outputs, dry_run)
+        stats = run_stats(analysis, stacked, timings)
+        stats["calibration"] = calibration_summary(calibration_record)
+        manifest = run_manifest(found, analysis, config, ops, stacked, stats, outputs, not_listed, workers, dry_run)
+        manifest["calibration"] = calibration_record
+        outputs["manifest"] = write_json_atomic(out_dir / "run_manifest.json", manifest)
+        from .report import write_reports
 
-    outputs.update(write_reports(out_dir, analysis, stats, outputs, rejected, stacked))
-    return StackResult([r.frame.name for r in kept], rejected, outputs, stats, analysis, manifest)
+        outputs.update(write_reports(out_dir, analysis, stats, outputs, rejected, stacked))
+        return StackResult([r.frame.name for r in kept], rejected, outputs, stats, analysis, manifest)
+
+
+def _check_budget(found: Session, config: StackConfig, workers: int) -> None:
+    """Refuse a memory budget too small for even one frame before any measuring (the exact plan, for the kept
+    frames, comes after the selection)."""
+    height, width = found.lights[0].height, found.lights[0].width
+    superpixel, cfa = render_paths(config)
+    shape = (height // 2, width // 2) if superpixel else (height, width)
+    try:
+        plan_tiles(*shape, 1, 1 if cfa else 3, config.memory_budget, workers=workers,
+                   render_bytes_per_pixel=RENDER_BYTES_PER_PIXEL)
+    except ConfigError:  # the message for the session's frames (which need still more)
+        plan_tiles(*shape, len(found.lights), 1 if cfa else 3, config.memory_budget, workers=workers,
+                   render_bytes_per_pixel=RENDER_BYTES_PER_PIXEL)
+        raise
 
 
 def _apply_frame_list(found: Session, frame_list: Sequence[str] | None) -> list[dict[str, str]]:
@@ -247,7 +267,9 @@ def _stack(
     })
     cache_dir = stack_cache_dir(out_dir, key)
     if use_cache and not refresh_cache and (cache_dir / "meta.json").is_file():
-        return load_stacked(cache_dir)
+        cached = load_stacked_or_discard(cache_dir)  # a damaged entry is discarded (with a warning) and recomputed
+        if cached is not None:
+            return cached
 
     paths = [r.frame.path for r in kept]
     if progress:

@@ -186,9 +186,9 @@ def plan_tiles(
     if rows * cols > pixels or rows < needed[0] or cols < needed[1]:
         need = fixed + needed[0] * needed[1] * per_pixel
         raise ConfigError(
-            f"the memory budget of {budget / 2**20:.0f} MiB is too small to stack {n_frames} frames of "
+            f"the memory budget of {_size_text(budget)} is too small to stack {n_frames} frames of "
             f"{width}x{height} ({channels} channel{'s' if channels > 1 else ''}): a {needed[0]}x{needed[1]} tile "
-            f"needs {math.ceil(need / 2**20)} MiB. Raise the memory budget (e.g. to {math.ceil(need / 2**30)}G) or "
+            f"needs {_size_text(need)}. Raise the memory budget (e.g. to {math.ceil(need / 2**30)}G) or "
             f"stack fewer frames", setting="memory_budget"
         )
     if tile_shape is None:  # the same number of tiles, evened out
@@ -372,3 +372,12 @@ def crop_to_coverage(
             box = (row - int(run[j]) + 1, row + 1, int(left[j]), int(right[j]))
     r0, r1, c0, c1 = box
     return image[..., r0:r1, c0:c1], box
+
+
+def _size_text(nbytes: float) -> str:
+    """A memory size for messages, in the largest binary unit that keeps it at least 1 (e.g. 1 KiB, 25 MiB);
+    rounded up, so that a needed size is never understated."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{math.ceil(nbytes / scale * 10) / 10:g} {unit}"
+    return f"{int(nbytes)} bytes"
