@@ -12,6 +12,7 @@ scaling machinery (``benchmarks/bench_fitsio.py`` measures the gain).
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -315,6 +316,13 @@ def read_fits(path: str | os.PathLike, *, fast: bool = True) -> FitsImage:
     return FitsImage(data, header)
 
 
+@functools.lru_cache(maxsize=4096)
+def _layout_of(path: str, size: int, mtime_ns: int) -> FitsLayout:
+    """:func:`read_layout` of a file, memoized by its identity (size and modification time): the stacking reads one
+    window of every frame per tile, and the header is parsed and checked once."""
+    return read_layout(path)
+
+
 def read_raw_window(path: str | os.PathLike, rows: tuple[int, int] | None = None,
                     cols: tuple[int, int] | None = None) -> np.ndarray:
     """A raw mosaic, or its window ``rows[0]:rows[1]`` x ``cols[0]:cols[1]``, as stored.
@@ -327,7 +335,11 @@ def read_raw_window(path: str | os.PathLike, rows: tuple[int, int] | None = None
     FitsReadError
         The file cannot be read, or it is not a 2-D mosaic.
     """
-    layout = read_layout(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise FitsReadError(path, f"cannot be read ({exc.strerror or exc})") from exc
+    layout = _layout_of(os.fspath(path), st.st_size, st.st_mtime_ns)
     if len(layout.shape) != 2:
         raise FitsReadError(path, f"expected a 2-D Bayer mosaic, got shape {layout.shape}")
     if layout.is_raw_uint16:
