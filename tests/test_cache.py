@@ -8,6 +8,7 @@ import os
 import pytest
 
 from dwarf3gpu.cache import CACHE_ENTRIES, FrameCache, cache_dir, cache_path, stack_cache_dir
+from dwarf3gpu.errors import Dwarf3Warning
 
 
 def test_cache_paths_of_an_output_folder(tmp_path):
@@ -53,7 +54,8 @@ def test_damaged_cache_is_ignored(tmp_path):
     path.write_text("{ broken")
     frame = tmp_path / "a.fits"
     frame.write_bytes(b"x")
-    c = FrameCache(path, {})
+    with pytest.warns(Dwarf3Warning, match="damaged cache entry"):
+        c = FrameCache(path, {})
     assert c.get(frame) is None
     c.put(frame, {"v": 2})
     c.save()
