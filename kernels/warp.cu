@@ -218,11 +218,32 @@ D3_DEVICE d3_lattice_layout d3_make_lattice_layout(int band_h, int band_w, int s
     return L;
 }
 
-// Split a mosaic band into its red, blue and green lattice planes (layout above; the caller zeroes `green`
-// first): the value of band pixel (x, y), converted to float32, goes to its colour's plane.
+// Colour-difference planes (warp.lattice_chroma_planes): frame index k reflected about the edge pixels into
+// [0, n - 1] (the Bayer colour is kept), then the mosaic value there, clamped to the band (such entries are never
+// used by a valid pixel: the warp's band check covers D3_CHROMA_REACH).
+#define D3_CHROMA_REACH 2
+
+D3_DEVICE long long d3_reflect(long long k, int n) {
+    k = k < 0 ? -k : k;
+    return k > n - 1 ? 2LL * (n - 1) - k : k;
+}
+
 template <class T>
-D3_DEVICE void d3_lattice_split(const T* mosaic, int band_h, int band_w, int src_row0, int src_col0, int pattern,
-                                float* red, float* blue, float* green) {
+D3_DEVICE float d3_chroma_neighbour(const T* mosaic, int band_h, int band_w, int src_row0, int src_col0, int frame_h,
+                                    int frame_w, long long Y, long long X) {
+    const long long i = d3_clamp_index(d3_reflect(Y, frame_h) - src_row0, band_h);
+    const long long j = d3_clamp_index(d3_reflect(X, frame_w) - src_col0, band_w);
+    return (float)mosaic[i * band_w + j];
+}
+
+// Split a mosaic band into its red, blue and green lattice planes (layout above; the caller zeroes `green`
+// first): the value of band pixel (x, y), converted to float32, goes to its colour's plane. With `chroma`
+// (warp.lattice_chroma_planes) the red and blue planes hold C - G instead: G the Malvar-He-Cutler green estimate
+// at the site from its 5 x 5 cross, G = ((N + S) + (W + E)) 0.25 + (((C + C) + (C + C)) - ((NN + SS) + (WW + EE)))
+// 0.125, float32 in this order (exact on uniform colours; frame_h, frame_w are only read with `chroma`).
+template <class T>
+D3_DEVICE void d3_lattice_split(const T* mosaic, int band_h, int band_w, int src_row0, int src_col0, int frame_h,
+                                int frame_w, int pattern, bool chroma, float* red, float* blue, float* green) {
     const long long x = d3_global_x(), y = d3_global_y();
     if (y >= band_h || x >= band_w) return;
     const d3_lattice_layout L = d3_make_lattice_layout(band_h, band_w, src_row0, src_col0, pattern);
@@ -230,8 +251,18 @@ D3_DEVICE void d3_lattice_split(const T* mosaic, int band_h, int band_w, int src
     const long long X = src_col0 + x, Y = src_row0 + y;
     for (int s = 0; s < 2; ++s) {
         if ((int)(Y & 1) == L.site_r[s] && (int)(X & 1) == L.site_c[s]) {
+            float sample = value;
+            if (chroma) {
+#define D3_AT(dy, dx) d3_chroma_neighbour(mosaic, band_h, band_w, src_row0, src_col0, frame_h, frame_w, Y + (dy), X + (dx))
+                const float green4 = (D3_AT(-1, 0) + D3_AT(1, 0)) + (D3_AT(0, -1) + D3_AT(0, 1));
+                const float far4 = (D3_AT(-2, 0) + D3_AT(2, 0)) + (D3_AT(0, -2) + D3_AT(0, 2));
+#undef D3_AT
+                const float laplace = ((value + value) + (value + value)) - far4;
+                const float estimate = green4 * 0.25f + laplace * 0.125f;
+                sample = value - estimate;
+            }
             float* plane = s == 0 ? red : blue;
-            plane[((y - L.row_off[s]) >> 1) * L.cols[s] + ((x - L.col_off[s]) >> 1)] = value;
+            plane[((y - L.row_off[s]) >> 1) * L.cols[s] + ((x - L.col_off[s]) >> 1)] = sample;
             return;
         }
     }
@@ -242,13 +273,13 @@ D3_DEVICE void d3_lattice_split(const T* mosaic, int band_h, int band_w, int src
 // d3_lattice_split of a float32 band. 2-D grid over the band, one thread per band pixel.
 extern "C" __global__ void d3_lattice_planes(const float* mosaic, int band_h, int band_w, int src_row0, int src_col0,
                                              int pattern, float* red, float* blue, float* green) {
-    d3_lattice_split(mosaic, band_h, band_w, src_row0, src_col0, pattern, red, blue, green);
+    d3_lattice_split(mosaic, band_h, band_w, src_row0, src_col0, 0, 0, pattern, false, red, blue, green);
 }
 
 // d3_lattice_split of a raw uint16 band (values exact in float32): no float32 copy of the band first.
 extern "C" __global__ void d3_lattice_planes_u16(const unsigned short* mosaic, int band_h, int band_w, int src_row0,
                                                  int src_col0, int pattern, float* red, float* blue, float* green) {
-    d3_lattice_split(mosaic, band_h, band_w, src_row0, src_col0, pattern, red, blue, green);
+    d3_lattice_split(mosaic, band_h, band_w, src_row0, src_col0, 0, 0, pattern, false, red, blue, green);
 }
 
 // Lattice coordinate rounded to 1 / D3_LANCZOS_PHASES: q = floor(coord P + 0.5), base = floor(q / P), phase.
@@ -283,64 +314,18 @@ D3_DEVICE float d3_lattice_sum(const float* plane, long long first, long long ou
     return value;
 }
 
-// Colour-difference planes (warp.lattice_chroma_planes): frame index k reflected about the edge pixels into
-// [0, n - 1] (the Bayer colour is kept), then the mosaic value there, clamped to the band (such entries are never
-// used by a valid pixel: the warp's band check covers D3_CHROMA_REACH).
-#define D3_CHROMA_REACH 2
-
-D3_DEVICE long long d3_reflect(long long k, int n) {
-    k = k < 0 ? -k : k;
-    return k > n - 1 ? 2LL * (n - 1) - k : k;
-}
-
-template <class T>
-D3_DEVICE float d3_chroma_neighbour(const T* mosaic, int band_h, int band_w, int src_row0, int src_col0, int frame_h,
-                                    int frame_w, long long Y, long long X) {
-    const long long i = d3_clamp_index(d3_reflect(Y, frame_h) - src_row0, band_h);
-    const long long j = d3_clamp_index(d3_reflect(X, frame_w) - src_col0, band_w);
-    return (float)mosaic[i * band_w + j];
-}
-
-// d3_lattice_split, with the red and blue planes holding C - G: G the Malvar-He-Cutler green estimate at the site
-// from its 5 x 5 cross, G = ((N + S) + (W + E)) 0.25 + (((C + C) + (C + C)) - ((NN + SS) + (WW + EE))) 0.125,
-// float32 in this order (exact on uniform colours).
-template <class T>
-D3_DEVICE void d3_lattice_chroma_split(const T* mosaic, int band_h, int band_w, int src_row0, int src_col0,
-                                       int frame_h, int frame_w, int pattern, float* red, float* blue, float* green) {
-    const long long x = d3_global_x(), y = d3_global_y();
-    if (y >= band_h || x >= band_w) return;
-    const d3_lattice_layout L = d3_make_lattice_layout(band_h, band_w, src_row0, src_col0, pattern);
-    const float value = (float)mosaic[y * band_w + x];
-    const long long X = src_col0 + x, Y = src_row0 + y;
-    for (int s = 0; s < 2; ++s) {
-        if ((int)(Y & 1) == L.site_r[s] && (int)(X & 1) == L.site_c[s]) {
-#define D3_AT(dy, dx) d3_chroma_neighbour(mosaic, band_h, band_w, src_row0, src_col0, frame_h, frame_w, Y + (dy), X + (dx))
-            const float green4 = (D3_AT(-1, 0) + D3_AT(1, 0)) + (D3_AT(0, -1) + D3_AT(0, 1));
-            const float far4 = (D3_AT(-2, 0) + D3_AT(2, 0)) + (D3_AT(0, -2) + D3_AT(0, 2));
-#undef D3_AT
-            const float laplace = ((value + value) + (value + value)) - far4;
-            const float estimate = green4 * 0.25f + laplace * 0.125f;
-            float* plane = s == 0 ? red : blue;
-            plane[((y - L.row_off[s]) >> 1) * L.cols[s] + ((x - L.col_off[s]) >> 1)] = value - estimate;
-            return;
-        }
-    }
-    const long long a = ((X + Y - L.g) >> 1) - L.u_lo, b = ((X - Y - L.g) >> 1) - L.v_lo;
-    green[a * L.n_v + b] = value;
-}
-
-// d3_lattice_chroma_split of a float32 band. 2-D grid over the band, one thread per band pixel.
+// d3_lattice_split with `chroma`, of a float32 band. 2-D grid over the band, one thread per band pixel.
 extern "C" __global__ void d3_lattice_chroma_planes(const float* mosaic, int band_h, int band_w, int src_row0,
                                                     int src_col0, int frame_h, int frame_w, int pattern, float* red,
                                                     float* blue, float* green) {
-    d3_lattice_chroma_split(mosaic, band_h, band_w, src_row0, src_col0, frame_h, frame_w, pattern, red, blue, green);
+    d3_lattice_split(mosaic, band_h, band_w, src_row0, src_col0, frame_h, frame_w, pattern, true, red, blue, green);
 }
 
-// d3_lattice_chroma_split of a raw uint16 band.
+// d3_lattice_split with `chroma`, of a raw uint16 band.
 extern "C" __global__ void d3_lattice_chroma_planes_u16(const unsigned short* mosaic, int band_h, int band_w,
                                                         int src_row0, int src_col0, int frame_h, int frame_w,
                                                         int pattern, float* red, float* blue, float* green) {
-    d3_lattice_chroma_split(mosaic, band_h, band_w, src_row0, src_col0, frame_h, frame_w, pattern, red, blue, green);
+    d3_lattice_split(mosaic, band_h, band_w, src_row0, src_col0, frame_h, frame_w, pattern, true, red, blue, green);
 }
 
 // One output pixel of d3_warp_lattice (chroma false) or d3_warp_lattice_chroma (true: the red and blue planes hold
