@@ -90,11 +90,29 @@ def output_error(exc: OSError, fallback: str | os.PathLike, *, setting: str | No
 
 @contextlib.contextmanager
 def output_errors(where: str | os.PathLike, *, setting: str | None = "output_root") -> Iterator[None]:
-    """Turn an OSError raised in the block (writing outputs under ``where``) into an :class:`OutputError`."""
+    """Turn an OSError raised in the block while writing under ``where`` into an :class:`OutputError`.
+
+    Only errors about a path under ``where`` (or the file ``where`` itself), or write errors that name no path
+    (a full, read-only or forbidden disk), are converted: an error reading an input passes through unchanged.
+    """
     try:
         yield
     except OSError as exc:
+        if not _is_output_error(exc, Path(where)):
+            raise
         raise output_error(exc, where, setting=setting) from exc
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _is_output_error(exc: OSError, where: Path) -> bool:
+    """True when ``exc`` concerns writing under ``where`` (see :func:`output_errors`)."""
+    if exc.filename is None:
+        return exc.errno in _WRITE_ERRNOS
+    target, root = Path(exc.filename).absolute(), where.absolute()
+    return target == root or root in target.parents or (exc.errno in (errno.ENOTDIR, errno.EEXIST)
+                                                          and (target in root.parents))
 
 
 def check_writable(folder: str | os.PathLike, *, setting: str | None = "output_root") -> Path:

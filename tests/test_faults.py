@@ -307,3 +307,17 @@ def test_crop_is_an_on_off_flag_and_color_matrix_lists_presets():
     after = text.split("--color-matrix", 1)[1][:400]
     for preset in COLOR_MATRIX_PRESETS:
         assert f"'{preset}'" in after, preset
+
+
+def test_an_input_read_error_is_not_called_an_output_error(tmp_path):
+    """Only errors about writing under the output folder become OutputError; a failed read of an input passes."""
+    from dwarf3gpu.atomic import output_errors
+    from dwarf3gpu.errors import OutputError
+
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError):
+        with output_errors(out):
+            open(tmp_path / "session" / "missing.fits", "rb")
+    with pytest.raises(OutputError, match="cannot write"):
+        with output_errors(out):
+            open(out / "missing-folder" / "master.fits", "wb")
